@@ -1,0 +1,1 @@
+"""Attacks: one file each, registered with utils.attack.register_attack."""

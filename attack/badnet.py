@@ -1,0 +1,84 @@
+"""BadNets: a patch trigger stamped on poisoned training images, labels flipped to the target.
+
+Paper: Gu, Dolan-Gavitt, Garg, "BadNets: Identifying Vulnerabilities in the Machine Learning
+Model Supply Chain", 2017. Defaults follow BackdoorBench's ``badnet`` on CIFAR-10 (the setting of
+the D3 paper's Table 1): a 3x3 white patch in the bottom-right corner (BackdoorBench's
+``resource/badnet/trigger_image.png``), pratio 0.1, target 0, all2one; data poisoning only.
+
+The trigger is ``x * (1 - mask) + patch * mask`` per pixel and channel. ``--patch_path`` takes any
+image (full-size, or smaller and placed in the bottom-right corner); its mask is ``--mask_path``
+when given (non-zero = trigger), else the patch's non-zero pixels, as BackdoorBench's
+``AddMaskPatchTrigger`` does.
+
+    python attack/badnet.py --save_folder_name badnet_demo
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from utils.attack import Attack, register_attack, run_attack  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+from utils.runner import cli_main  # noqa: E402
+
+
+def _read_image(path: str, what: str) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {what} image {path} ({e}); give a PNG or JPEG file") from None
+
+
+def _place_bottom_right(array: np.ndarray, size: int, what: str) -> np.ndarray:
+    c, h, w = array.shape
+    if h > size or w > size:
+        raise UserError(f"the {what} is {h}x{w}, larger than the {size}x{size} images; give a smaller one")
+    canvas = np.zeros((c, size, size), dtype=np.uint8)
+    canvas[:, size - h:, size - w:] = array
+    return canvas
+
+
+@register_attack
+class BadNet(Attack):
+    """BadNets patch-trigger attack (Gu et al. 2017), BackdoorBench defaults."""
+    name = "badnet"
+
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        parser.add_argument("--patch_path", type=str, help="trigger image (default: 3x3 white, bottom-right)")
+        parser.add_argument("--mask_path", type=str, help="mask image, non-zero = trigger (default: the "
+                            "patch's non-zero pixels)")
+        parser.add_argument("--patch_size", type=int, help="side of the default white square patch")
+
+    @classmethod
+    def make_trigger(cls, cfg, spec) -> dict[str, torch.Tensor]:
+        size = spec.image_size
+        if getattr(cfg, "patch_path", None):
+            patch = _place_bottom_right(_read_image(cfg.patch_path, "patch"), size, "patch")
+        else:
+            side = getattr(cfg, "patch_size", 3)
+            if not 1 <= side <= size:
+                raise UserError(f"--patch_size {side} must be between 1 and {size}")
+            patch = np.zeros((3, size, size), dtype=np.uint8)
+            patch[:, size - side:, size - side:] = 255
+        if getattr(cfg, "mask_path", None):
+            mask = _place_bottom_right(_read_image(cfg.mask_path, "mask"), size, "mask") > 0
+        else:
+            mask = patch > 0
+        return {"patch": torch.from_numpy(patch), "mask": torch.from_numpy(mask.astype(np.uint8))}
+
+    @staticmethod
+    def apply_trigger(images: torch.Tensor, artifacts: dict[str, torch.Tensor]) -> torch.Tensor:
+        mask = artifacts["mask"].to(images.device).bool()
+        return torch.where(mask, artifacts["patch"].to(images.device), images)
+
+
+if __name__ == "__main__":
+    cli_main(lambda argv: run_attack(BadNet, argv))

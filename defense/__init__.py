@@ -1,0 +1,1 @@
+"""Post-training defenses: one file each, each defining add_arguments() and purify()."""

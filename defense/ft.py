@@ -1,0 +1,30 @@
+"""FT: vanilla fine-tuning of all weights on the defender's reserved clean data.
+
+The baseline "FT" of the D3 paper's Table 1, with BackdoorBench's ``ft`` settings
+(config/defense/ft/config.yaml): 100 epochs, batch 256, SGD lr 0.01 momentum 0.9 wd 5e-4,
+cosine schedule, 5% of the clean training set, the attack's training augmentation.
+
+    python defense/ft.py --result_file badnet_demo
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from utils.defense import run_defense  # noqa: E402
+from utils.runner import cli_main  # noqa: E402
+from utils.train import build_optimizer, build_scheduler, cross_entropy_loss, fit  # noqa: E402
+
+
+def purify(model, clean, cfg, report):
+    optimizer = build_optimizer(model.parameters(), cfg)
+    scheduler = build_scheduler(optimizer, cfg, cfg.epochs)
+    fit(model, clean.loader(cfg.batch_size, cfg.random_seed), optimizer, scheduler, cross_entropy_loss,
+        epochs=cfg.epochs, amp=cfg.amp and clean.device.type == "cuda", on_epoch_end=report, desc="ft")
+    return model
+
+
+if __name__ == "__main__":
+    cli_main(lambda argv: run_defense("ft", purify, None, argv, description=__doc__.splitlines()[0]))

@@ -1,0 +1,263 @@
+"""The attack runner: everything an attack script shares, so that ``attack/<name>.py`` only says
+what makes that attack (its trigger, its flags, its defaults).
+
+An attack is a subclass of :class:`Attack` registered with :func:`register_attack`:
+    * ``make_trigger(cfg, spec)`` builds the trigger artifacts (tensors) once;
+    * ``apply_trigger(images, artifacts)`` is a pure, batched function of uint8 images and those
+      artifacts. The record stores the artifacts, so the poisoned sets are rebuilt exactly from
+      the record, never by re-running the attack's set-up.
+Attacks that control training (later: WaNet's noise mode, Input-aware) override ``loss_fn``.
+"""
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+
+import torch
+
+from models import create_model, list_models
+from utils.backdoor import (LABEL_TRANSFORMS, BackdoorTestSet, backdoor_test_set, poison_train_set,
+                            select_poison_indices)
+from utils.config import (CONFIG_DIR, Config, add_common_arguments, check_range, new_parser, require,
+                          resolve_config, resolve_device, seed_everything, str2bool)
+from utils.data import BatchLoader, Dataset, DatasetSpec, Normalizer, get_spec, load_dataset, tensor_fingerprint
+from utils.errors import UserError
+from utils.evaluate import Evaluator
+from utils.record import (FORMAT_VERSION, load_tensors, safe_torch_load, save_tensors, torch_save, write_json,
+                          write_yaml)
+from utils.runner import EpochReporter, log_config, place_model, prepare_output_dir, setup_logging
+from utils.train import build_optimizer, build_scheduler, cross_entropy_loss, fit
+
+# Machine-local settings: logged, but kept out of records so that a record is portable.
+LOCAL_KEYS = ("dataset_path", "cache_dir", "record_dir", "yaml_path", "overwrite", "resume")
+# Settings that may change when a run is resumed without changing its result.
+RESUMABLE_KEYS = LOCAL_KEYS + ("device", "num_workers", "eval_batch_size", "eval_every", "amp")
+
+_ATTACKS: dict[str, type["Attack"]] = {}
+
+
+class Attack:
+    """Base class: subclasses set ``name`` and implement the two trigger methods."""
+    name: str = ""
+
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        """Flags of this attack only."""
+
+    @classmethod
+    def make_trigger(cls, cfg: Config, spec: DatasetSpec) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @staticmethod
+    def apply_trigger(images: torch.Tensor, artifacts: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def loss_fn(cls, cfg: Config, artifacts: dict[str, torch.Tensor]):
+        """The training loss; data-poisoning attacks train normally on the poisoned set."""
+        return cross_entropy_loss
+
+
+def register_attack(cls: type[Attack]) -> type[Attack]:
+    _ATTACKS[cls.name] = cls
+    return cls
+
+
+def get_attack(name: str) -> type[Attack]:
+    """The attack class for a name stored in a record (imports ``attack/<name>.py``)."""
+    if name not in _ATTACKS:
+        try:
+            importlib.import_module(f"attack.{name}")
+        except ModuleNotFoundError:
+            raise UserError(f"the record names attack {name!r}, which this toolkit does not have") from None
+    return _ATTACKS[name]
+
+
+def trigger_function(attack: type[Attack], artifacts: dict[str, torch.Tensor]):
+    return lambda images: attack.apply_trigger(images, artifacts)
+
+
+def _base_files(attack: type[Attack]):
+    def files(args: dict) -> list[Path]:
+        dataset = args.get("dataset", "cifar10")
+        proto = CONFIG_DIR / "attack" / "prototype" / f"{dataset}.yaml"
+        if not proto.is_file():
+            get_spec(dataset)  # names the known datasets when this one is unknown
+            raise UserError(f"no prototype config {proto} for dataset {dataset!r}")
+        default = CONFIG_DIR / "attack" / attack.name / "default.yaml"
+        return [proto] + ([default] if default.is_file() else [])
+    return files
+
+
+def _validate(cfg: Config, spec: DatasetSpec) -> None:
+    require(cfg, "save_folder_name", "model", "epochs", "batch_size", "lr", "random_seed", "pratio",
+            "attack_target", "attack_label_trans")
+    if cfg.model not in list_models():
+        raise UserError(f"unknown model {cfg.model!r}; choose one of: {', '.join(list_models())}")
+    check_range("pratio", cfg.pratio, 0.0, 1.0)
+    if not 0 <= cfg.attack_target < spec.num_classes:
+        raise UserError(f"--attack_target {cfg.attack_target} is not a class of {spec.name} "
+                        f"(0..{spec.num_classes - 1})")
+    if cfg.attack_label_trans not in LABEL_TRANSFORMS:
+        raise UserError(f"--attack_label_trans {cfg.attack_label_trans!r}; choose all2one or all2all")
+    for key in ("epochs", "batch_size"):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"--{key} must be at least 1")
+    if cfg.lr <= 0:
+        raise UserError("--lr must be positive")
+    if "/" in cfg.save_folder_name or cfg.save_folder_name in ("", ".", ".."):
+        raise UserError(f"--save_folder_name {cfg.save_folder_name!r} must be a plain folder name")
+
+
+def portable(cfg: Config) -> dict:
+    return {k: v for k, v in cfg.to_dict().items() if k not in LOCAL_KEYS}
+
+
+def run_attack(attack: type[Attack], argv=None) -> Path:
+    parser = new_parser((attack.__doc__ or attack.name).strip().splitlines()[0])
+    add_common_arguments(parser)
+    g = parser.add_argument_group("attack")
+    g.add_argument("--save_folder_name", type=str, help="record/<save_folder_name>/ receives the result")
+    g.add_argument("--record_dir", type=str, help="folder holding the records")
+    g.add_argument("--pratio", type=float, help="fraction of training samples poisoned, in (0, 1]")
+    g.add_argument("--attack_target", type=int, help="target class (all2one)")
+    g.add_argument("--attack_label_trans", type=str, help="all2one | all2all")
+    g.add_argument("--resume", type=str2bool, nargs="?", const=True,
+                   help="continue an interrupted run from its last finished epoch")
+    attack.add_arguments(parser.add_argument_group(attack.name))
+    cfg = resolve_config(parser, _base_files(attack), argv)
+    cfg.attack = attack.name
+    spec = get_spec(cfg.dataset)
+    _validate(cfg, spec)
+    device = resolve_device(getattr(cfg, "device", "auto"))
+
+    out_dir = Path(getattr(cfg, "record_dir", "record")) / cfg.save_folder_name
+    resume = bool(getattr(cfg, "resume", False))
+    dataset = load_dataset(cfg.dataset, cfg.dataset_path, getattr(cfg, "cache_dir", None))  # before any write
+    prepare_output_dir(out_dir, overwrite=bool(getattr(cfg, "overwrite", False)), resume=resume)
+    checkpoint_path = out_dir / "checkpoint.pt"
+    checkpoint = None
+    if resume and checkpoint_path.exists():
+        checkpoint = safe_torch_load(checkpoint_path)
+        _check_resumable(checkpoint["config"], portable(cfg), checkpoint_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    logger = setup_logging(out_dir / "attack.log")
+    logger.info("attack %s -> %s (device %s)%s", attack.name, out_dir, device,
+                f", resuming after epoch {checkpoint['epoch'] + 1}" if checkpoint else "")
+    log_config(logger, cfg.to_dict())
+    logger.info("dataset %s: %d train / %d test images, fingerprint %s", cfg.dataset, len(dataset.train),
+                len(dataset.test), dataset.fingerprint)
+
+    # Trigger and indices are fixed at the start and reloaded on resume.
+    if checkpoint is None:
+        artifacts = attack.make_trigger(cfg, spec)
+        poison_index = select_poison_indices(len(dataset.train), cfg.pratio, cfg.random_seed)
+        save_tensors(out_dir / "trigger.safetensors", artifacts)
+        write_yaml(out_dir / "config.yaml", portable(cfg))
+    else:
+        artifacts = load_tensors(out_dir / "trigger.safetensors")
+        poison_index = checkpoint["poison_index"]
+    trigger = trigger_function(attack, artifacts)
+    poisoned = poison_train_set(dataset.train, poison_index, trigger, cfg.attack_label_trans, cfg.attack_target,
+                                spec.num_classes)
+    bd_test = backdoor_test_set(dataset.test, trigger, cfg.attack_label_trans, cfg.attack_target, spec.num_classes)
+    save_tensors(out_dir / "indices.safetensors", {"train_poison_index": poison_index,
+                                                   "test_backdoor_index": bd_test.index})
+    logger.info("poisoned %d of %d training images; backdoor test set: %d images", len(poison_index),
+                len(poisoned), len(bd_test))
+
+    seed_everything(cfg.random_seed)
+    model = place_model(create_model(cfg.model, spec.num_classes), device)
+    optimizer = build_optimizer(model.parameters(), cfg)
+    scheduler = build_scheduler(optimizer, cfg, cfg.epochs)
+    rows, start_epoch = [], 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        rows, start_epoch = checkpoint["rows"], checkpoint["epoch"] + 1
+
+    amp = bool(getattr(cfg, "amp", True)) and device.type == "cuda"
+    normalizer = Normalizer(spec.mean, spec.std, device)
+    loader = BatchLoader(poisoned, cfg.batch_size, normalizer, device=device, shuffle=True,
+                         crop_padding=getattr(cfg, "random_crop_padding", 0), hflip=getattr(cfg, "random_hflip", False),
+                         seed=cfg.random_seed, channels_last=device.type == "cuda")
+    evaluator = Evaluator(dataset.test, bd_test, normalizer, device=device, amp=amp,
+                          batch_size=getattr(cfg, "eval_batch_size", 512), channels_last=device.type == "cuda")
+
+    def save_checkpoint(epoch: int, history: list[dict]) -> None:
+        torch_save(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "scheduler": scheduler.state_dict(), "epoch": epoch, "rows": history,
+                                     "poison_index": poison_index, "config": portable(cfg)})
+
+    reporter = EpochReporter(evaluator, model, out_dir, "attack", logger, epochs=cfg.epochs,
+                             eval_every=getattr(cfg, "eval_every", 1), rows=rows, after=save_checkpoint)
+    start = time.perf_counter()
+    fit(model, loader, optimizer, scheduler, attack.loss_fn(cfg, artifacts), epochs=cfg.epochs,
+        start_epoch=start_epoch, amp=amp, on_epoch_end=reporter, desc=f"attack {attack.name}")
+    wall = time.perf_counter() - start
+
+    final = reporter.rows[-1]
+    save_tensors(out_dir / "model.safetensors", model.state_dict())
+    write_json(out_dir / "record.json", {
+        "format_version": FORMAT_VERSION, "kind": "attack", "attack": attack.name, "model": cfg.model,
+        "dataset": {"name": spec.name, "fingerprint": dataset.fingerprint, "num_classes": spec.num_classes,
+                    "image_size": spec.image_size, "train_size": len(dataset.train), "test_size": len(dataset.test)},
+        "attack_label_trans": cfg.attack_label_trans, "attack_target": cfg.attack_target,
+        "poisoned_train_fingerprint": tensor_fingerprint(poisoned.images, poisoned.labels),
+        "backdoor_test_fingerprint": backdoor_test_fingerprint(bd_test),
+    })
+    summary = {"clean_acc": final["clean_acc"], "asr": final["asr"], "ra": final["ra"], "epochs": cfg.epochs,
+               "train_images_per_s": _mean(r["train_images_per_s"] for r in reporter.rows),
+               "eval_images_per_s": reporter.eval_images / max(reporter.eval_seconds, 1e-9),
+               "wall_seconds_this_run": wall, "device": str(device)}
+    write_json(out_dir / "summary.json", summary)  # last: marks the record finished
+    checkpoint_path.unlink(missing_ok=True)
+    logger.info("done: clean_acc=%.4f asr=%.4f ra=%.4f  (%.0f train img/s, %.0f eval img/s, %.1fs)",
+                summary["clean_acc"], summary["asr"], summary["ra"], summary["train_images_per_s"],
+                summary["eval_images_per_s"], wall)
+    return out_dir
+
+
+def backdoor_test_fingerprint(bd: BackdoorTestSet) -> str:
+    return tensor_fingerprint(bd.images, bd.target_labels, bd.true_labels, bd.index)
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / max(len(values), 1)
+
+
+def _check_resumable(saved: dict, current: dict, path: Path) -> None:
+    keys = (set(saved) | set(current)) - set(RESUMABLE_KEYS)
+    changed = sorted(k for k in keys if saved.get(k) != current.get(k))
+    if changed:
+        raise UserError(f"cannot resume from {path}: settings changed ({', '.join(changed)}); "
+                        f"resume with the original settings or pass --overwrite to start again")
+
+
+def load_attack_record(record_dir: Path) -> tuple[dict, dict, dict]:
+    """(record.json, summary.json, config.yaml) of a finished attack record, with clear errors."""
+    from utils.record import check_format, read_json
+    import yaml
+    if not (record_dir / "summary.json").is_file():
+        hint = "it is unfinished (resume the attack with --resume)" if record_dir.is_dir() else "it does not exist"
+        raise UserError(f"no finished attack record at {record_dir}: {hint}; create one with "
+                        f"python attack/badnet.py --save_folder_name {record_dir.name}")
+    meta = read_json(record_dir / "record.json")
+    check_format(meta, record_dir / "record.json", "attack")
+    config = yaml.safe_load((record_dir / "config.yaml").read_text())
+    return meta, read_json(record_dir / "summary.json"), config
+
+
+def rebuild_backdoor_test(meta: dict, record_dir: Path, dataset: Dataset) -> BackdoorTestSet:
+    """The record's backdoor test set, rebuilt from its trigger artifacts and checked against its fingerprint."""
+    attack = get_attack(meta["attack"])
+    artifacts = load_tensors(record_dir / "trigger.safetensors")
+    bd = backdoor_test_set(dataset.test, trigger_function(attack, artifacts), meta["attack_label_trans"],
+                           meta["attack_target"], dataset.spec.num_classes)
+    if backdoor_test_fingerprint(bd) != meta["backdoor_test_fingerprint"]:
+        raise UserError(f"the backdoor test set rebuilt from {record_dir} does not match the one the attack "
+                        f"used; the record or the attack code changed")
+    return bd

@@ -1,0 +1,77 @@
+"""Poisoning, shared by every data-poisoning attack: which samples, which labels, and the poisoned sets.
+
+Follows BackdoorBench's conventions: ``round(pratio * N)`` training samples drawn with the seed
+from all classes; all2one relabels them to the target, all2all to ``(y + 1) mod K``; the backdoor
+test set is every test sample whose true label differs from its attack label (for all2one: all
+samples not of the target class), with the trigger applied.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from utils.data import ImageSet
+
+TriggerFn = Callable[[torch.Tensor], torch.Tensor]  # uint8 [N,C,H,W] -> uint8 [N,C,H,W]
+LABEL_TRANSFORMS = ("all2one", "all2all")
+
+
+def attack_labels(labels: torch.Tensor, rule: str, target: int, num_classes: int) -> torch.Tensor:
+    """The label an attacker wants for each true label."""
+    if rule == "all2one":
+        return torch.full_like(labels, target)
+    if rule == "all2all":
+        return (labels + 1) % num_classes
+    raise ValueError(f"unknown label transform {rule!r}; choose one of {LABEL_TRANSFORMS}")
+
+
+def select_poison_indices(num_samples: int, pratio: float, seed: int) -> torch.Tensor:
+    """``round(pratio * N)`` distinct indices drawn uniformly from all samples, sorted."""
+    count = round(pratio * num_samples)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(num_samples, generator=gen)[:count].sort().values
+
+
+def backdoor_test_indices(labels: torch.Tensor, rule: str, target: int, num_classes: int) -> torch.Tensor:
+    """Test samples an attack can flip: those whose attack label differs from the true one."""
+    return torch.nonzero(attack_labels(labels, rule, target, num_classes) != labels).flatten()
+
+
+def apply_in_batches(trigger: TriggerFn, images: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    """Apply a batched trigger to many images without holding float copies of them all."""
+    out = torch.empty_like(images)
+    for i in range(0, images.shape[0], batch_size):
+        out[i:i + batch_size] = trigger(images[i:i + batch_size])
+    return out
+
+
+def poison_train_set(clean: ImageSet, poison_index: torch.Tensor, trigger: TriggerFn, rule: str, target: int,
+                     num_classes: int) -> ImageSet:
+    """The training set the victim sees: the chosen samples carry the trigger and the attack label."""
+    images, labels = clean.images.clone(), clean.labels.clone()
+    if len(poison_index):
+        images[poison_index] = apply_in_batches(trigger, clean.images[poison_index])
+        labels[poison_index] = attack_labels(clean.labels[poison_index], rule, target, num_classes)
+    return ImageSet(images, labels)
+
+
+@dataclass
+class BackdoorTestSet:
+    """Triggered test images with the attack's labels (for ASR) and their true labels (for RA)."""
+    images: torch.Tensor
+    target_labels: torch.Tensor
+    true_labels: torch.Tensor
+    index: torch.Tensor  # positions in the clean test set
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def backdoor_test_set(clean_test: ImageSet, trigger: TriggerFn, rule: str, target: int,
+                      num_classes: int) -> BackdoorTestSet:
+    index = backdoor_test_indices(clean_test.labels, rule, target, num_classes)
+    true = clean_test.labels[index]
+    return BackdoorTestSet(apply_in_batches(trigger, clean_test.images[index]),
+                           attack_labels(true, rule, target, num_classes), true, index)

@@ -1,0 +1,153 @@
+"""Command-line flags and YAML files merged into one resolved configuration.
+
+Merge order, each overriding the one before:
+    attack:  config/attack/prototype/<dataset>.yaml < config/attack/<name>/default.yaml
+    defense: config/defense/<name>/config.yaml
+    then:    --yaml_path FILE (optional)  <  flags given on the command line.
+Flag names follow BackdoorBench. Every key in a YAML file must be a known flag, so a typo is an
+error rather than a silently ignored setting.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import yaml
+
+from utils.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "config"
+
+
+def str2bool(v) -> bool:
+    if isinstance(v, bool):
+        return v
+    if str(v).lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if str(v).lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
+
+
+class Config(SimpleNamespace):
+    """The resolved configuration: attribute access, plus ``to_dict`` for logs and records."""
+
+    def to_dict(self) -> dict:
+        return dict(sorted(vars(self).items()))
+
+
+def new_parser(description: str) -> argparse.ArgumentParser:
+    """A parser whose unset flags stay absent, so YAML values are only overridden by given flags."""
+    return argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("common (BackdoorBench names)")
+    g.add_argument("--yaml_path", type=str, help="extra YAML config, above the defaults and below flags")
+    g.add_argument("--dataset", type=str, help="cifar10 | gtsrb | tiny")
+    g.add_argument("--dataset_path", type=str, help="dataset folder or .zip (see README)")
+    g.add_argument("--cache_dir", type=str, help="where decoded datasets are cached "
+                   "(default: $BACKDOOR_CACHE_DIR or ~/.cache/backdoor-toolkit)")
+    g.add_argument("--model", type=str, help="model name, e.g. preactresnet18, preactresnet18_w16")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch_size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--lr_scheduler", type=str, help="CosineAnnealingLR | MultiStepLR | StepLR | none")
+    g.add_argument("--steplr_milestones", type=int, nargs="+", help="MultiStepLR milestones (epochs)")
+    g.add_argument("--steplr_stepsize", type=int, help="StepLR step size (epochs)")
+    g.add_argument("--steplr_gamma", type=float, help="StepLR / MultiStepLR decay factor")
+    g.add_argument("--client_optimizer", type=str, help="sgd | adam | adamw")
+    g.add_argument("--sgd_momentum", type=float)
+    g.add_argument("--wd", type=float, help="weight decay")
+    g.add_argument("--random_seed", type=int)
+    g.add_argument("--device", type=str, help="auto | cpu | cuda | cuda:N (auto takes CUDA when present)")
+    g.add_argument("--amp", type=str2bool, help="bf16 autocast on CUDA (ignored on CPU)")
+    g.add_argument("--num_workers", type=int, help="accepted for BackdoorBench compatibility; data stays "
+                   "on the device, so no loader workers are used")
+    g.add_argument("--eval_every", type=int, help="evaluate ACC/ASR/RA every N epochs (and always the last)")
+    g.add_argument("--eval_batch_size", type=int)
+    g.add_argument("--random_crop_padding", type=int, help="training augmentation: random crop with this padding")
+    g.add_argument("--random_hflip", type=str2bool, help="training augmentation: random horizontal flip")
+    g.add_argument("--overwrite", type=str2bool, nargs="?", const=True, help="replace an existing output")
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping of flag names to values")
+    return data
+
+
+def _coerce(action: argparse.Action, key: str, value, source: Path):
+    if value is None or action.type is None:
+        return value
+    try:
+        if action.nargs in ("+", "*") and isinstance(value, (list, tuple)):
+            return [action.type(v) for v in value]
+        if action.type is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if action.type is int and isinstance(value, bool):
+            raise ValueError
+        return action.type(value)
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        raise UserError(f"{source}: {key}={value!r} is not a valid value for --{key}") from None
+
+
+def resolve_config(parser: argparse.ArgumentParser, base_files, argv=None) -> Config:
+    """Parse flags, then merge ``base_files`` (paths, or a callable taking the flags and returning
+    paths), ``--yaml_path`` and the flags, in that order."""
+    args = vars(parser.parse_args(argv))
+    actions = {a.dest: a for a in parser._actions}
+    files = list(base_files(args) if callable(base_files) else base_files)
+    if "yaml_path" in args:
+        files.append(Path(args["yaml_path"]))
+    merged: dict = {}
+    for f in files:
+        for key, value in _read_yaml(Path(f)).items():
+            if key not in actions:
+                raise UserError(f"{f}: unknown setting {key!r} (see --help for the accepted flags)")
+            merged[key] = _coerce(actions[key], key, value, Path(f))
+    merged.update(args)
+    return Config(**merged)
+
+
+def require(cfg: Config, *keys: str) -> None:
+    missing = [k for k in keys if getattr(cfg, k, None) is None]
+    if missing:
+        raise UserError(f"missing setting(s) {', '.join('--' + k for k in missing)}: give them as flags or in YAML")
+
+
+def check_range(name: str, value: float, low: float, high: float, low_open: bool = True) -> None:
+    ok = (low < value if low_open else low <= value) and value <= high
+    if not ok:
+        raise UserError(f"--{name} {value} is outside {'(' if low_open else '['}{low}, {high}]; "
+                        f"give a value in that range")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for CUDA but none is available; use --device cpu or auto")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,0 +1,163 @@
+"""The defense runner: everything a post-training defense shares, so that ``defense/<name>.py``
+only says its algorithm.
+
+The threat model is the signature ``purify(model, clean, cfg, report) -> model``:
+    * ``model``  the attacked model (weights loaded, on the device);
+    * ``clean``  :class:`CleanData`, the defender's reserved clean training samples (``--ratio`` or
+                 ``--index``) and how to batch them -- never the test sets, the poison indices or
+                 the trigger;
+    * ``cfg``    the defense's resolved configuration;
+    * ``report`` an ``on_epoch_end`` hook for :func:`utils.train.fit`. It evaluates ACC/ASR/RA for
+                 the log and the CSV and returns ``None``: nothing a defense can base a
+                 hyper-parameter, threshold or stopping point on.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from models import create_model
+from utils.attack import load_attack_record, portable, rebuild_backdoor_test
+from utils.config import (CONFIG_DIR, Config, add_common_arguments, check_range, new_parser, require,
+                          resolve_config, resolve_device, seed_everything)
+from utils.data import BatchLoader, DatasetSpec, ImageSet, Normalizer, load_dataset
+from utils.errors import UserError
+from utils.evaluate import Evaluator
+from utils.metrics import der
+from utils.record import FORMAT_VERSION, load_into, load_tensors, save_tensors, write_json, write_yaml
+from utils.runner import EpochReporter, log_config, place_model, prepare_output_dir, setup_logging
+
+# Settings a defense takes from the attack record unless given: they describe the data and model.
+INHERITED_KEYS = ("dataset", "model", "random_crop_padding", "random_hflip")
+
+
+@dataclass
+class CleanData:
+    """The defender's reserved clean training data and how to turn it into training batches."""
+    data: ImageSet
+    spec: DatasetSpec
+    device: torch.device
+    crop_padding: int = 0
+    hflip: bool = False
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    @property
+    def normalizer(self) -> Normalizer:
+        return Normalizer(self.spec.mean, self.spec.std, self.device)
+
+    def loader(self, batch_size: int, seed: int, *, augment: bool = True, shuffle: bool = True) -> BatchLoader:
+        return BatchLoader(self.data, batch_size, self.normalizer, device=self.device, shuffle=shuffle,
+                           crop_padding=self.crop_padding if augment else 0, hflip=self.hflip and augment,
+                           seed=seed, channels_last=self.device.type == "cuda")
+
+
+Purify = Callable[[torch.nn.Module, CleanData, Config, Callable[[int, dict], None]], torch.nn.Module]
+
+
+def reserved_indices(num_train: int, cfg: Config) -> torch.Tensor:
+    """The defender's clean subset: ``--index`` (a file of indices, one per line) or ``--ratio``."""
+    index_file = getattr(cfg, "index", None)
+    if index_file:
+        try:
+            values = [int(v) for v in Path(index_file).read_text().split()]
+        except FileNotFoundError:
+            raise UserError(f"--index file {index_file} not found") from None
+        except ValueError:
+            raise UserError(f"--index file {index_file} must hold integers, one per line") from None
+        index = torch.tensor(values, dtype=torch.long)
+        if len(index) == 0 or index.min() < 0 or index.max() >= num_train or len(index.unique()) != len(index):
+            raise UserError(f"--index file {index_file} must list distinct indices in 0..{num_train - 1}")
+        return index
+    check_range("ratio", cfg.ratio, 0.0, 1.0)
+    count = max(1, round(cfg.ratio * num_train))
+    gen = torch.Generator().manual_seed(cfg.random_seed)
+    return torch.randperm(num_train, generator=gen)[:count].sort().values
+
+
+def run_defense(name: str, purify: Purify, add_arguments: Callable | None = None, argv=None,
+                description: str | None = None) -> Path:
+    parser = new_parser(description or f"{name} defense")
+    add_common_arguments(parser)
+    g = parser.add_argument_group("defense")
+    g.add_argument("--result_file", type=str, help="name of the attack record under --record_dir")
+    g.add_argument("--record_dir", type=str, help="folder holding the records")
+    g.add_argument("--ratio", type=float, help="fraction of the clean training set the defender holds")
+    g.add_argument("--index", type=str, help="file of training-set indices the defender holds (overrides --ratio)")
+    if add_arguments is not None:
+        add_arguments(parser.add_argument_group(name))
+    base = CONFIG_DIR / "defense" / name / "config.yaml"
+    cfg = resolve_config(parser, [base] if base.is_file() else [], argv)
+    require(cfg, "result_file", "epochs", "batch_size", "random_seed")
+    cfg.defense = name
+
+    record_dir = Path(getattr(cfg, "record_dir", "record")) / cfg.result_file
+    meta, attack_summary, attack_cfg = load_attack_record(record_dir)
+    for key in INHERITED_KEYS:
+        if not hasattr(cfg, key) and key in attack_cfg:
+            setattr(cfg, key, attack_cfg[key])
+    if cfg.dataset != meta["dataset"]["name"]:
+        raise UserError(f"--dataset {cfg.dataset} differs from the record's {meta['dataset']['name']}")
+    device = resolve_device(getattr(cfg, "device", "auto"))
+
+    dataset = load_dataset(cfg.dataset, getattr(cfg, "dataset_path", "./data"), getattr(cfg, "cache_dir", None))
+    if dataset.fingerprint != meta["dataset"]["fingerprint"]:
+        raise UserError(f"the data at {cfg.dataset_path} (fingerprint {dataset.fingerprint}) is not the data the "
+                        f"attack used ({meta['dataset']['fingerprint']}); pass the --dataset_path the attack used")
+    spec = dataset.spec
+    model = create_model(cfg.model, spec.num_classes)
+    load_into(model, load_tensors(record_dir / "model.safetensors"), str(record_dir / "model.safetensors"))
+    bd_test = rebuild_backdoor_test(meta, record_dir, dataset)
+    reserved = reserved_indices(len(dataset.train), cfg)
+
+    out_dir = record_dir / "defense" / name
+    prepare_output_dir(out_dir, overwrite=bool(getattr(cfg, "overwrite", False)))
+    out_dir.mkdir(parents=True)
+    logger = setup_logging(out_dir / "defense.log")
+    logger.info("defense %s on %s (device %s)", name, record_dir, device)
+    log_config(logger, cfg.to_dict())
+    write_yaml(out_dir / "config.yaml", portable(cfg))
+    save_tensors(out_dir / "reserved_index.safetensors", {"reserved_index": reserved})
+    logger.info("defender holds %d clean training images", len(reserved))
+
+    model = place_model(model, device)
+    amp = bool(getattr(cfg, "amp", True)) and device.type == "cuda"
+    evaluator = Evaluator(dataset.test, bd_test, Normalizer(spec.mean, spec.std, device), device=device, amp=amp,
+                          batch_size=getattr(cfg, "eval_batch_size", 512), channels_last=device.type == "cuda")
+    before = evaluator(model)
+    logger.info("attacked model: clean_acc=%.4f asr=%.4f ra=%.4f", before["clean_acc"], before["asr"], before["ra"])
+    clean = CleanData(dataset.train.subset(reserved), spec, device,
+                      crop_padding=getattr(cfg, "random_crop_padding", 0), hflip=getattr(cfg, "random_hflip", False))
+    reporter = EpochReporter(evaluator, model, out_dir, name, logger, epochs=cfg.epochs,
+                             eval_every=getattr(cfg, "eval_every", 1))
+
+    seed_everything(cfg.random_seed)
+    start = time.perf_counter()
+    model = purify(model, clean, cfg, lambda epoch, stats: reporter(epoch, stats))  # returns None, by design
+    wall = time.perf_counter() - start
+    after = reporter.rows[-1] if reporter.rows and "clean_acc" in reporter.rows[-1] else evaluator(model)
+
+    save_tensors(out_dir / "model.safetensors", model.state_dict())
+    write_json(out_dir / "record.json", {"format_version": FORMAT_VERSION, "kind": "defense", "defense": name,
+                                         "model": cfg.model, "attack_record": cfg.result_file,
+                                         "dataset": meta["dataset"]})
+    train_seconds = sum(r.get("train_seconds", 0.0) for r in reporter.rows)
+    train_images = sum(r.get("train_seconds", 0.0) * r.get("train_images_per_s", 0.0) for r in reporter.rows)
+    summary = {
+        "clean_acc": after["clean_acc"], "asr": after["asr"], "ra": after["ra"],
+        "der": der(before["clean_acc"], before["asr"], after["clean_acc"], after["asr"]),
+        "attack_clean_acc": before["clean_acc"], "attack_asr": before["asr"], "attack_ra": before["ra"],
+        "reserved_size": len(reserved), "epochs": cfg.epochs, "wall_seconds": wall,
+        "train_seconds": train_seconds, "train_images_per_s": train_images / max(train_seconds, 1e-9),
+        "eval_images_per_s": reporter.eval_images / max(reporter.eval_seconds, 1e-9), "device": str(device),
+    }
+    write_json(out_dir / "summary.json", summary)  # last: marks the output finished
+    logger.info("done: clean_acc=%.4f asr=%.4f ra=%.4f der=%.4f  (attacked: %.4f / %.4f) in %.1fs",
+                summary["clean_acc"], summary["asr"], summary["ra"], summary["der"], before["clean_acc"],
+                before["asr"], wall)
+    return out_dir

@@ -1,0 +1,146 @@
+"""Records on disk: data only (safetensors, JSON, YAML, CSV, PNG), written atomically.
+
+Layout of an attack record ``record/<name>/`` (format version ``FORMAT_VERSION``):
+    record.json          format version, kind, attack, model, dataset name + content fingerprint,
+                         label rule, target, fingerprints of the poisoned sets
+    config.yaml          the full resolved configuration (no machine-local paths)
+    model.safetensors    the attacked model's weights
+    indices.safetensors  train_poison_index, test_backdoor_index
+    trigger.safetensors  the trigger artifacts (e.g. patch and mask) the attack's trigger function reads
+    metrics.csv          one row per epoch
+    summary.json         final clean_acc / asr / ra (fractions) and timings; written last
+    attack.log, *.png    log and plots
+A defense writes ``record/<name>/defense/<defense>/`` with record.json, config.yaml, model.safetensors,
+reserved_index.safetensors, metrics.csv, summary.json (adds der and the attacked model's figures),
+defense.log and plots.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from utils.errors import UserError
+
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+
+
+def _atomic(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    _atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_yaml(path: Path, obj: Any) -> None:
+    write_text(path, yaml.safe_dump(obj, sort_keys=True))
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def torch_save(path: Path, obj: Any) -> None:
+    _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"missing file {path}; the record is incomplete (re-run the step that writes it)") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e}); the record is damaged") from None
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file (which cannot carry code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"missing file {path}; the record is incomplete (re-run the step that writes it)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is not a valid safetensors file ({e}); the record is damaged") from None
+
+
+def safe_torch_load(path: Path) -> Any:
+    """``torch.load`` restricted to tensors and plain containers: a file that would run code is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"missing file {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"refused to load {path}: it is not a plain weights file and could run code when "
+                        f"unpickled ({first}); use a trusted file saved as a state_dict") from None
+    except Exception as e:  # noqa: BLE001 - truncated zip, wrong format, ...
+        raise UserError(f"cannot read {path} as a PyTorch weights file ({type(e).__name__}: {e}); "
+                        f"the file is damaged") from None
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Weights from ``.safetensors`` or a ``weights_only`` ``.pt``/``.pth`` state dict."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_tensors(path)
+    state = safe_torch_load(path)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # BackdoorBench-style {"model": state_dict, ...}
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} does not hold a state_dict of tensors")
+    return state
+
+
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a state dict strictly, with one clear line when it does not fit."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
+        if mismatched:
+            k = mismatched[0]
+            parts.append(f"shape of {k} is {tuple(state[k].shape)}, model needs {tuple(own[k].shape)}")
+        raise UserError(f"weights in {source} do not fit model {type(model).__name__}: {'; '.join(parts)}; "
+                        f"pass the --model the weights were trained with")
+    model.load_state_dict(state)
+
+
+def check_format(meta: dict, path: Path, kind: str) -> None:
+    version = meta.get("format_version")
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        raise UserError(f"{path} has record format version {version!r}; this code reads "
+                        f"{SUPPORTED_FORMAT_VERSIONS} (update the toolkit)")
+    if meta.get("kind") != kind:
+        raise UserError(f"{path} is a {meta.get('kind')!r} record, expected {kind!r}")
