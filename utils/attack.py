@@ -11,6 +11,7 @@ Attacks that control training (later: WaNet's noise mode, Input-aware) override 
 from __future__ import annotations
 
 import importlib
+import shutil
 import time
 from pathlib import Path
 
@@ -142,6 +143,16 @@ def run_attack(attack: type[Attack], argv=None) -> Path:
         checkpoint = safe_torch_load(checkpoint_path)
         _check_resumable(checkpoint["config"], portable(cfg), checkpoint_path)
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _train(attack, cfg, spec, dataset, device, out_dir, checkpoint)
+    except UserError:
+        if checkpoint is None and not (out_dir / "checkpoint.pt").exists():
+            shutil.rmtree(out_dir, ignore_errors=True)  # bad input found late: leave nothing half-written
+        raise
+
+
+def _train(attack, cfg, spec, dataset, device, out_dir: Path, checkpoint) -> Path:
+    checkpoint_path = out_dir / "checkpoint.pt"
     logger = setup_logging(out_dir / "attack.log")
     logger.info("attack %s -> %s (device %s)%s", attack.name, out_dir, device,
                 f", resuming after epoch {checkpoint['epoch'] + 1}" if checkpoint else "")
@@ -182,9 +193,9 @@ def run_attack(attack: type[Attack], argv=None) -> Path:
     normalizer = Normalizer(spec.mean, spec.std, device)
     loader = BatchLoader(poisoned, cfg.batch_size, normalizer, device=device, shuffle=True,
                          crop_padding=getattr(cfg, "random_crop_padding", 0), hflip=getattr(cfg, "random_hflip", False),
-                         seed=cfg.random_seed, channels_last=device.type == "cuda")
+                         seed=cfg.random_seed, channels_last=True)
     evaluator = Evaluator(dataset.test, bd_test, normalizer, device=device, amp=amp,
-                          batch_size=getattr(cfg, "eval_batch_size", 512), channels_last=device.type == "cuda")
+                          batch_size=getattr(cfg, "eval_batch_size", 512), channels_last=True)
 
     def save_checkpoint(epoch: int, history: list[dict]) -> None:
         torch_save(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -209,6 +220,7 @@ def run_attack(attack: type[Attack], argv=None) -> Path:
         "backdoor_test_fingerprint": backdoor_test_fingerprint(bd_test),
     })
     summary = {"clean_acc": final["clean_acc"], "asr": final["asr"], "ra": final["ra"], "epochs": cfg.epochs,
+               "train_seconds": sum(r["train_seconds"] for r in reporter.rows),
                "train_images_per_s": _mean(r["train_images_per_s"] for r in reporter.rows),
                "eval_images_per_s": reporter.eval_images / max(reporter.eval_seconds, 1e-9),
                "wall_seconds_this_run": wall, "device": str(device)}

@@ -137,13 +137,15 @@ def check_range(name: str, value: float, low: float, high: float, low_open: bool
 
 def resolve_device(name: str) -> torch.device:
     if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} asked for CUDA but none is available; use --device cpu or auto")
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     return dev
 
 

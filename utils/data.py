@@ -242,7 +242,7 @@ def load_dataset(name: str, path: str | os.PathLike, cache_dir: str | os.PathLik
     spec = get_spec(name)
     path = Path(path).expanduser()
     source = _find_source(spec, path)
-    if source is None and spec.name == "cifar10" and download and not path.is_file():
+    if source is None and spec.name == "cifar10" and download and not path.is_file() and path.suffix != ".zip":
         _download_cifar10(path)
         source = _find_source(spec, path)
     if source is None:

@@ -13,6 +13,7 @@ The threat model is the signature ``purify(model, clean, cfg, report) -> model``
 """
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,7 @@ class CleanData:
     def loader(self, batch_size: int, seed: int, *, augment: bool = True, shuffle: bool = True) -> BatchLoader:
         return BatchLoader(self.data, batch_size, self.normalizer, device=self.device, shuffle=shuffle,
                            crop_padding=self.crop_padding if augment else 0, hflip=self.hflip and augment,
-                           seed=seed, channels_last=self.device.type == "cuda")
+                           seed=seed, channels_last=True)
 
 
 Purify = Callable[[torch.nn.Module, CleanData, Config, Callable[[int, dict], None]], torch.nn.Module]
@@ -118,6 +119,15 @@ def run_defense(name: str, purify: Purify, add_arguments: Callable | None = None
     out_dir = record_dir / "defense" / name
     prepare_output_dir(out_dir, overwrite=bool(getattr(cfg, "overwrite", False)))
     out_dir.mkdir(parents=True)
+    try:
+        return _defend(name, purify, cfg, out_dir, record_dir, meta, model, dataset, bd_test, reserved, device)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)  # a failed defense leaves no half-written output
+        raise
+
+
+def _defend(name, purify, cfg, out_dir, record_dir, meta, model, dataset, bd_test, reserved, device) -> Path:
+    spec = dataset.spec
     logger = setup_logging(out_dir / "defense.log")
     logger.info("defense %s on %s (device %s)", name, record_dir, device)
     log_config(logger, cfg.to_dict())
@@ -128,7 +138,7 @@ def run_defense(name: str, purify: Purify, add_arguments: Callable | None = None
     model = place_model(model, device)
     amp = bool(getattr(cfg, "amp", True)) and device.type == "cuda"
     evaluator = Evaluator(dataset.test, bd_test, Normalizer(spec.mean, spec.std, device), device=device, amp=amp,
-                          batch_size=getattr(cfg, "eval_batch_size", 512), channels_last=device.type == "cuda")
+                          batch_size=getattr(cfg, "eval_batch_size", 512), channels_last=True)
     before = evaluator(model)
     logger.info("attacked model: clean_acc=%.4f asr=%.4f ra=%.4f", before["clean_acc"], before["asr"], before["ra"])
     clean = CleanData(dataset.train.subset(reserved), spec, device,

@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny CIFAR-10-shaped dataset the tests write themselves, in the pickle layout
+and as a zipped PNG image-folder tree (the same pixels, so both give the same fingerprint)."""
+from __future__ import annotations
+
+import io
+import pickle
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+TRAIN_PER_BATCH, TEST_SIZE = 40, 100  # 200 training images in 5 batches
+
+
+def _images(rng: np.random.Generator, n: int):
+    """Class-dependent colours plus noise: learnable, so the tiny end-to-end runs move."""
+    labels = np.arange(n) % 10
+    rng.shuffle(labels)
+    base = (labels * 23 + 20).astype(np.int64)[:, None, None, None]
+    noise = rng.integers(0, 40, (n, 3, 32, 32))
+    return np.clip(base + noise, 0, 255).astype(np.uint8), labels.astype(np.int64)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    pickles = root / "pickles" / "cifar-10-batches-py"
+    pickles.mkdir(parents=True)
+    splits = {"train": [], "test": []}
+    for i in range(1, 6):
+        x, y = _images(rng, TRAIN_PER_BATCH)
+        splits["train"].append((x, y))
+        with open(pickles / f"data_batch_{i}", "wb") as f:
+            pickle.dump({"data": x.reshape(len(x), -1), "labels": y.tolist()}, f)
+    x, y = _images(rng, TEST_SIZE)
+    splits["test"].append((x, y))
+    with open(pickles / "test_batch", "wb") as f:
+        pickle.dump({"data": x.reshape(len(x), -1), "labels": y.tolist()}, f)
+
+    zip_path = root / "tiny-png.zip"
+    with zipfile.ZipFile(zip_path, "w") as zf:
+        for split, parts in splits.items():
+            xs = np.concatenate([p[0] for p in parts])
+            ys = np.concatenate([p[1] for p in parts])
+            for k in range(10):
+                for j, img in enumerate(xs[ys == k]):
+                    buf = io.BytesIO()
+                    Image.fromarray(img.transpose(1, 2, 0)).save(buf, format="PNG")
+                    zf.writestr(f"tiny/{split}/{CLASSES[k]}/{j:04d}.png", buf.getvalue())
+    x_train = np.concatenate([p[0] for p in splits["train"]])
+    y_train = np.concatenate([p[1] for p in splits["train"]])
+    return {"pickles": root / "pickles", "zip": zip_path, "x_train": x_train, "y_train": y_train,
+            "x_test": x, "y_test": y}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("BACKDOOR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))

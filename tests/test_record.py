@@ -1,0 +1,62 @@
+import pickle
+
+import pytest
+import torch
+
+from models import create_model
+from utils.errors import UserError
+from utils.record import load_into, load_tensors, load_weights, safe_torch_load, save_tensors, torch_save, write_json
+
+
+def test_tensor_round_trip_and_atomic_write(tmp_path):
+    model = create_model("preactresnet18_w8", 10)
+    save_tensors(tmp_path / "m.safetensors", model.state_dict())
+    other = create_model("preactresnet18_w8", 10)
+    load_into(other, load_tensors(tmp_path / "m.safetensors"), "m")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, other.state_dict()[k])
+    write_json(tmp_path / "a.json", {"x": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "m.safetensors"]  # no temporaries left
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    with pytest.raises(TypeError):
+        write_json(tmp_path / "bad.json", {"x": object()})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unsafe_pickle_is_refused_and_does_not_run(tmp_path):
+    sentinel = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(sentinel), "w"))
+    path = tmp_path / "evil.pt"
+    torch.save({"model": Payload()}, path)
+    with pytest.raises(UserError, match="refused to load"):
+        safe_torch_load(path)
+    with pytest.raises(UserError, match="refused to load"):
+        load_weights(path)
+    assert not sentinel.exists()
+
+
+def test_plain_checkpoint_loads(tmp_path):
+    torch_save(tmp_path / "ok.pt", {"model": {"w": torch.ones(2)}, "epoch": 3, "rows": [{"a": 1.0}]})
+    assert safe_torch_load(tmp_path / "ok.pt")["epoch"] == 3
+    assert torch.equal(load_weights(tmp_path / "ok.pt")["w"], torch.ones(2))
+
+
+def test_weights_that_do_not_fit_are_named(tmp_path):
+    small = create_model("preactresnet18_w8", 10).state_dict()
+    with pytest.raises(UserError, match="do not fit.*shape of"):
+        load_into(create_model("preactresnet18_w16", 10), small, "x")
+    with pytest.raises(UserError, match="missing"):
+        load_into(create_model("preactresnet18_w8", 10), {k: v for k, v in small.items() if "linear" not in k}, "x")
+
+
+def test_corrupted_safetensors_is_a_clear_error(tmp_path):
+    (tmp_path / "m.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(UserError, match="not a valid safetensors"):
+        load_tensors(tmp_path / "m.safetensors")
+    with pytest.raises(UserError, match="missing file"):
+        load_tensors(tmp_path / "absent.safetensors")
