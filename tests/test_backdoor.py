@@ -49,3 +49,10 @@ def test_poison_train_set_touches_only_chosen_samples():
     keep[idx] = False
     assert torch.equal(out.labels[keep], labels[keep])
     assert images.sum() == 0  # the clean set is not modified
+
+
+def test_reserved_and_poison_draws_are_independent():
+    from utils.backdoor import random_subset
+    poison = set(select_poison_indices(50000, 0.1, seed=0).tolist())
+    reserved = set(random_subset(50000, 2500, 0, "reserved").tolist())
+    assert 150 < len(poison & reserved) < 350  # about 10% overlap, as for independent draws

@@ -120,7 +120,6 @@ def run_attack(attack: type[Attack], argv=None) -> Path:
     add_common_arguments(parser)
     g = parser.add_argument_group("attack")
     g.add_argument("--save_folder_name", type=str, help="record/<save_folder_name>/ receives the result")
-    g.add_argument("--record_dir", type=str, help="folder holding the records")
     g.add_argument("--pratio", type=float, help="fraction of training samples poisoned, in (0, 1]")
     g.add_argument("--attack_target", type=int, help="target class (all2one)")
     g.add_argument("--attack_label_trans", type=str, help="all2one | all2all")

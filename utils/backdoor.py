@@ -7,6 +7,7 @@ samples not of the target class), with the trigger applied.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,11 +28,18 @@ def attack_labels(labels: torch.Tensor, rule: str, target: int, num_classes: int
     raise ValueError(f"unknown label transform {rule!r}; choose one of {LABEL_TRANSFORMS}")
 
 
-def select_poison_indices(num_samples: int, pratio: float, seed: int) -> torch.Tensor:
-    """``round(pratio * N)`` distinct indices drawn uniformly from all samples, sorted."""
-    count = round(pratio * num_samples)
-    gen = torch.Generator().manual_seed(seed)
+def random_subset(num_samples: int, count: int, seed: int, stream: str) -> torch.Tensor:
+    """``count`` distinct indices in ``0..num_samples-1`` drawn uniformly, sorted. ``stream`` names the
+    use, so that draws with the same seed for different purposes (poisoning, the defender's reserved
+    data) are independent rather than prefixes of one permutation."""
+    digest = hashlib.sha256(f"{stream}:{seed}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
     return torch.randperm(num_samples, generator=gen)[:count].sort().values
+
+
+def select_poison_indices(num_samples: int, pratio: float, seed: int) -> torch.Tensor:
+    """``round(pratio * N)`` distinct indices drawn uniformly from all samples (all classes), sorted."""
+    return random_subset(num_samples, round(pratio * num_samples), seed, "poison")
 
 
 def backdoor_test_indices(labels: torch.Tensor, rule: str, target: int, num_classes: int) -> torch.Tensor:

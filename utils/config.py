@@ -72,6 +72,7 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
                    "on the device, so no loader workers are used")
     g.add_argument("--eval_every", type=int, help="evaluate ACC/ASR/RA every N epochs (and always the last)")
     g.add_argument("--eval_batch_size", type=int)
+    g.add_argument("--record_dir", type=str, help="folder holding the records")
     g.add_argument("--random_crop_padding", type=int, help="training augmentation: random crop with this padding")
     g.add_argument("--random_hflip", type=str2bool, help="training augmentation: random horizontal flip")
     g.add_argument("--overwrite", type=str2bool, nargs="?", const=True, help="replace an existing output")

@@ -25,6 +25,7 @@ from models import create_model
 from utils.attack import load_attack_record, portable, rebuild_backdoor_test
 from utils.config import (CONFIG_DIR, Config, add_common_arguments, check_range, new_parser, require,
                           resolve_config, resolve_device, seed_everything)
+from utils.backdoor import random_subset
 from utils.data import BatchLoader, DatasetSpec, ImageSet, Normalizer, load_dataset
 from utils.errors import UserError
 from utils.evaluate import Evaluator
@@ -76,9 +77,7 @@ def reserved_indices(num_train: int, cfg: Config) -> torch.Tensor:
             raise UserError(f"--index file {index_file} must list distinct indices in 0..{num_train - 1}")
         return index
     check_range("ratio", cfg.ratio, 0.0, 1.0)
-    count = max(1, round(cfg.ratio * num_train))
-    gen = torch.Generator().manual_seed(cfg.random_seed)
-    return torch.randperm(num_train, generator=gen)[:count].sort().values
+    return random_subset(num_train, max(1, round(cfg.ratio * num_train)), cfg.random_seed, "reserved")
 
 
 def run_defense(name: str, purify: Purify, add_arguments: Callable | None = None, argv=None,
@@ -87,7 +86,6 @@ def run_defense(name: str, purify: Purify, add_arguments: Callable | None = None
     add_common_arguments(parser)
     g = parser.add_argument_group("defense")
     g.add_argument("--result_file", type=str, help="name of the attack record under --record_dir")
-    g.add_argument("--record_dir", type=str, help="folder holding the records")
     g.add_argument("--ratio", type=float, help="fraction of the clean training set the defender holds")
     g.add_argument("--index", type=str, help="file of training-set indices the defender holds (overrides --ratio)")
     if add_arguments is not None:
