@@ -11,7 +11,6 @@ Attacks that control training (later: WaNet's noise mode, Input-aware) override 
 from __future__ import annotations
 
 import importlib
-import shutil
 import time
 from pathlib import Path
 
@@ -141,16 +140,21 @@ def run_attack(attack: type[Attack], argv=None) -> Path:
     if resume and checkpoint_path.exists():
         checkpoint = safe_torch_load(checkpoint_path)
         _check_resumable(checkpoint["config"], portable(cfg), checkpoint_path)
+    # Trigger and poison indices are fixed at the start (before anything is written) and reloaded on resume.
+    if checkpoint is None:
+        artifacts = attack.make_trigger(cfg, spec)
+        poison_index = select_poison_indices(len(dataset.train), cfg.pratio, cfg.random_seed)
+    else:
+        artifacts = load_tensors(out_dir / "trigger.safetensors")
+        poison_index = checkpoint["poison_index"]
     out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        return _train(attack, cfg, spec, dataset, device, out_dir, checkpoint)
-    except UserError:
-        if checkpoint is None and not (out_dir / "checkpoint.pt").exists():
-            shutil.rmtree(out_dir, ignore_errors=True)  # bad input found late: leave nothing half-written
-        raise
+    if checkpoint is None:
+        save_tensors(out_dir / "trigger.safetensors", artifacts)
+        write_yaml(out_dir / "config.yaml", portable(cfg))
+    return _train(attack, cfg, spec, dataset, device, out_dir, checkpoint, artifacts, poison_index)
 
 
-def _train(attack, cfg, spec, dataset, device, out_dir: Path, checkpoint) -> Path:
+def _train(attack, cfg, spec, dataset, device, out_dir: Path, checkpoint, artifacts, poison_index) -> Path:
     checkpoint_path = out_dir / "checkpoint.pt"
     logger = setup_logging(out_dir / "attack.log")
     logger.info("attack %s -> %s (device %s)%s", attack.name, out_dir, device,
@@ -159,15 +163,6 @@ def _train(attack, cfg, spec, dataset, device, out_dir: Path, checkpoint) -> Pat
     logger.info("dataset %s: %d train / %d test images, fingerprint %s", cfg.dataset, len(dataset.train),
                 len(dataset.test), dataset.fingerprint)
 
-    # Trigger and indices are fixed at the start and reloaded on resume.
-    if checkpoint is None:
-        artifacts = attack.make_trigger(cfg, spec)
-        poison_index = select_poison_indices(len(dataset.train), cfg.pratio, cfg.random_seed)
-        save_tensors(out_dir / "trigger.safetensors", artifacts)
-        write_yaml(out_dir / "config.yaml", portable(cfg))
-    else:
-        artifacts = load_tensors(out_dir / "trigger.safetensors")
-        poison_index = checkpoint["poison_index"]
     trigger = trigger_function(attack, artifacts)
     poisoned = poison_train_set(dataset.train, poison_index, trigger, cfg.attack_label_trans, cfg.attack_target,
                                 spec.num_classes)
@@ -192,9 +187,9 @@ def _train(attack, cfg, spec, dataset, device, out_dir: Path, checkpoint) -> Pat
     normalizer = Normalizer(spec.mean, spec.std, device)
     loader = BatchLoader(poisoned, cfg.batch_size, normalizer, device=device, shuffle=True,
                          crop_padding=getattr(cfg, "random_crop_padding", 0), hflip=getattr(cfg, "random_hflip", False),
-                         seed=cfg.random_seed, channels_last=True)
+                         seed=cfg.random_seed)
     evaluator = Evaluator(dataset.test, bd_test, normalizer, device=device, amp=amp,
-                          batch_size=getattr(cfg, "eval_batch_size", 512), channels_last=True)
+                          batch_size=getattr(cfg, "eval_batch_size", 512))
 
     def save_checkpoint(epoch: int, history: list[dict]) -> None:
         torch_save(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),

@@ -320,7 +320,7 @@ class BatchLoader:
 
     def __init__(self, data: ImageSet, batch_size: int, normalizer: Normalizer, *, device, shuffle: bool = True,
                  crop_padding: int = 0, hflip: bool = False, drop_last: bool = False, seed: int = 0,
-                 channels_last: bool = False):
+                 channels_last: bool = True):
         self.images = data.images.to(device)
         self.labels = data.labels.to(device)
         self.batch_size, self.normalizer, self.device = batch_size, normalizer, torch.device(device)

@@ -55,8 +55,7 @@ class CleanData:
 
     def loader(self, batch_size: int, seed: int, *, augment: bool = True, shuffle: bool = True) -> BatchLoader:
         return BatchLoader(self.data, batch_size, self.normalizer, device=self.device, shuffle=shuffle,
-                           crop_padding=self.crop_padding if augment else 0, hflip=self.hflip and augment,
-                           seed=seed, channels_last=True)
+                           crop_padding=self.crop_padding if augment else 0, hflip=self.hflip and augment, seed=seed)
 
 
 Purify = Callable[[torch.nn.Module, CleanData, Config, Callable[[int, dict], None]], torch.nn.Module]
@@ -136,19 +135,19 @@ def _defend(name, purify, cfg, out_dir, record_dir, meta, model, dataset, bd_tes
     model = place_model(model, device)
     amp = bool(getattr(cfg, "amp", True)) and device.type == "cuda"
     evaluator = Evaluator(dataset.test, bd_test, Normalizer(spec.mean, spec.std, device), device=device, amp=amp,
-                          batch_size=getattr(cfg, "eval_batch_size", 512), channels_last=True)
+                          batch_size=getattr(cfg, "eval_batch_size", 512))
     before = evaluator(model)
     logger.info("attacked model: clean_acc=%.4f asr=%.4f ra=%.4f", before["clean_acc"], before["asr"], before["ra"])
     clean = CleanData(dataset.train.subset(reserved), spec, device,
                       crop_padding=getattr(cfg, "random_crop_padding", 0), hflip=getattr(cfg, "random_hflip", False))
     reporter = EpochReporter(evaluator, model, out_dir, name, logger, epochs=cfg.epochs,
-                             eval_every=getattr(cfg, "eval_every", 1))
+                             eval_every=getattr(cfg, "eval_every", 1), rows=[{"epoch": 0, **before}])
 
     seed_everything(cfg.random_seed)
     start = time.perf_counter()
     model = purify(model, clean, cfg, lambda epoch, stats: reporter(epoch, stats))  # returns None, by design
     wall = time.perf_counter() - start
-    after = reporter.rows[-1] if reporter.rows and "clean_acc" in reporter.rows[-1] else evaluator(model)
+    after = evaluator(model)  # always the returned model, whatever the defense reported on the way
 
     save_tensors(out_dir / "model.safetensors", model.state_dict())
     write_json(out_dir / "record.json", {"format_version": FORMAT_VERSION, "kind": "defense", "defense": name,

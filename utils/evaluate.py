@@ -15,7 +15,7 @@ from utils.metrics import accuracy
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, images: torch.Tensor, normalizer: Normalizer, *, device,
-            batch_size: int = 512, amp: bool = False, channels_last: bool = False) -> torch.Tensor:
+            batch_size: int = 512, amp: bool = False, channels_last: bool = True) -> torch.Tensor:
     """Logits (float32, on the CPU) for uint8 images, in eval mode."""
     was_training = model.training
     model.eval()
@@ -34,7 +34,7 @@ class Evaluator:
     """Holds the clean and backdoor test sets on the device; ``__call__(model)`` gives the metrics."""
 
     def __init__(self, clean_test: ImageSet, backdoor_test: BackdoorTestSet, normalizer: Normalizer, *,
-                 device, batch_size: int = 512, amp: bool = False, channels_last: bool = False):
+                 device, batch_size: int = 512, amp: bool = False, channels_last: bool = True):
         self.clean_images = clean_test.images.to(device)
         self.clean_labels = clean_test.labels
         self.bd_images = backdoor_test.images.to(device)
