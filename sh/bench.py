@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {
     # Narrow model and short schedules so the whole bench fits in ~30 minutes on 2 CPU cores.
     "cpu": dict(model="preactresnet18_w16", attack=["--epochs", "18", "--lr", "0.05", "--eval_every", "6"],
-                defense=["--epochs", "40", "--eval_every", "10"]),
+                defense=["--epochs", "60", "--eval_every", "20"]),
     # The paper's protocol (Sec. 4.1; BackdoorBench prototype for the attack).
     "gpu": dict(model="preactresnet18", attack=["--epochs", "100", "--eval_every", "10"],
                 defense=["--epochs", "100", "--eval_every", "10"]),
