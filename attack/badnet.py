@@ -60,15 +60,15 @@ class BadNet(Attack):
     @classmethod
     def make_trigger(cls, cfg, spec) -> dict[str, torch.Tensor]:
         size = spec.image_size
-        if getattr(cfg, "patch_path", None):
+        if cfg.patch_path:
             patch = _place_bottom_right(_read_image(cfg.patch_path, "patch"), size, "patch")
         else:
-            side = getattr(cfg, "patch_size", 3)
+            side = cfg.patch_size
             if not 1 <= side <= size:
                 raise UserError(f"--patch_size {side} must be between 1 and {size}")
             patch = np.zeros((3, size, size), dtype=np.uint8)
             patch[:, size - side:, size - side:] = 255
-        if getattr(cfg, "mask_path", None):
+        if cfg.mask_path:
             mask = _place_bottom_right(_read_image(cfg.mask_path, "mask"), size, "mask") > 0
         else:
             mask = patch > 0

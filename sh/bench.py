@@ -66,7 +66,8 @@ def main() -> None:
 
     data_note = " (CIFAR-10 JPEG copy)" if "jpeg" in a.dataset_path.lower() else ""
     print(f"\nBadNets -> FT / D3 on {attack['device']}, model {preset['model']}, preset {a.preset}{data_note}")
-    head = f"{'stage':<11}{'ACC':>7}{'ASR':>7}{'RA':>7}{'DER':>7}{'wall s':>9}{'train s':>9}{'train img/s':>13}{'eval img/s':>12}"
+    head = (f"{'stage':<11}{'ACC':>7}{'ASR':>7}{'RA':>7}{'DER':>7}{'wall s':>9}{'train s':>9}"
+            f"{'train img/s':>13}{'eval img/s':>12}")
     if a.preset == "gpu":
         head += f"   {'paper ACC':>9}{'paper ASR':>10}{'paper DER':>10}"
     print(head)

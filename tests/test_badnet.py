@@ -1,4 +1,3 @@
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ BB_PATCH = ROOT.parent / "shared" / "data" / "backdoorbench-resource" / "badnet"
 
 
 def test_default_trigger_is_a_3x3_white_corner():
-    art = BadNet.make_trigger(Config(patch_size=3), DATASETS["cifar10"])
+    art = BadNet.make_trigger(Config(patch_size=3, patch_path=None, mask_path=None), DATASETS["cifar10"])
     assert art["patch"].shape == (3, 32, 32) and art["mask"].sum() == 27
     assert (art["patch"][:, 29:, 29:] == 255).all() and art["patch"].sum() == 27 * 255
     images = torch.randint(0, 200, (5, 3, 32, 32), dtype=torch.uint8)
@@ -29,13 +28,13 @@ def test_custom_patch_and_mask(tmp_path):
     mask = np.zeros((4, 4, 3), dtype=np.uint8)
     mask[0, 0] = 255
     Image.fromarray(mask).save(tmp_path / "m.png")
-    art = BadNet.make_trigger(Config(patch_path=str(tmp_path / "p.png"), mask_path=str(tmp_path / "m.png")),
-                              DATASETS["cifar10"])
+    cfg = Config(patch_path=str(tmp_path / "p.png"), mask_path=str(tmp_path / "m.png"), patch_size=3)
+    art = BadNet.make_trigger(cfg, DATASETS["cifar10"])
     assert art["mask"].sum() == 3 and art["mask"][:, 28, 28].all()  # small patches sit bottom-right
     out = BadNet.apply_trigger(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), art)
     assert out.sum() == 3 * 128
     with pytest.raises(UserError, match="cannot read patch"):
-        BadNet.make_trigger(Config(patch_path=str(tmp_path / "missing.png")), DATASETS["cifar10"])
+        BadNet.make_trigger(Config(patch_path=str(tmp_path / "missing.png"), mask_path=None), DATASETS["cifar10"])
 
 
 @pytest.mark.skipif(not BB_PATCH.exists(), reason=f"BackdoorBench trigger not found at {BB_PATCH}")
@@ -43,8 +42,8 @@ def test_matches_backdoorbench_patch_trigger():
     """Same artifacts as BackdoorBench's resource/badnet/trigger_image.png, and the same image as its
     AddMaskPatchTrigger: img * (trigger == 0) + trigger * (trigger > 0)."""
     bb = np.asarray(Image.open(BB_PATCH).convert("RGB"), dtype=np.uint8)
-    default = BadNet.make_trigger(Config(patch_size=3), DATASETS["cifar10"])
-    from_file = BadNet.make_trigger(Config(patch_path=str(BB_PATCH)), DATASETS["cifar10"])
+    default = BadNet.make_trigger(Config(patch_size=3, patch_path=None, mask_path=None), DATASETS["cifar10"])
+    from_file = BadNet.make_trigger(Config(patch_path=str(BB_PATCH), mask_path=None), DATASETS["cifar10"])
     for art in (default, from_file):
         assert np.array_equal(art["patch"].numpy().transpose(1, 2, 0), bb)
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)

@@ -19,8 +19,8 @@ import torch
 from models import create_model, list_models
 from utils.backdoor import (LABEL_TRANSFORMS, BackdoorTestSet, backdoor_test_set, poison_train_set,
                             select_poison_indices)
-from utils.config import (CONFIG_DIR, Config, add_common_arguments, check_range, new_parser, require,
-                          resolve_config, resolve_device, seed_everything, str2bool)
+from utils.config import (CONFIG_DIR, Config, add_common_arguments, check_range, check_training, new_parser,
+                          require, resolve_config, resolve_device, seed_everything, str2bool)
 from utils.data import BatchLoader, Dataset, DatasetSpec, Normalizer, get_spec, load_dataset, tensor_fingerprint
 from utils.errors import UserError
 from utils.evaluate import Evaluator
@@ -30,7 +30,7 @@ from utils.runner import EpochReporter, log_config, place_model, prepare_output_
 from utils.train import build_optimizer, build_scheduler, cross_entropy_loss, fit
 
 # Machine-local settings: logged, but kept out of records so that a record is portable.
-LOCAL_KEYS = ("dataset_path", "cache_dir", "record_dir", "yaml_path", "overwrite", "resume")
+LOCAL_KEYS = ("dataset_path", "cache_dir", "record_dir", "yaml_path", "index", "overwrite", "resume")
 # Settings that may change when a run is resumed without changing its result.
 RESUMABLE_KEYS = LOCAL_KEYS + ("device", "num_workers", "eval_batch_size", "eval_every", "amp")
 
@@ -91,8 +91,9 @@ def _base_files(attack: type[Attack]):
 
 
 def _validate(cfg: Config, spec: DatasetSpec) -> None:
-    require(cfg, "save_folder_name", "model", "epochs", "batch_size", "lr", "random_seed", "pratio",
-            "attack_target", "attack_label_trans")
+    require(cfg, "save_folder_name", "pratio", "attack_target", "attack_label_trans", "model", "epochs",
+            "batch_size", "lr", "random_seed", "lr_scheduler", "client_optimizer", "sgd_momentum", "wd")
+    check_training(cfg)
     if cfg.model not in list_models():
         raise UserError(f"unknown model {cfg.model!r}; choose one of: {', '.join(list_models())}")
     check_range("pratio", cfg.pratio, 0.0, 1.0)
@@ -101,11 +102,6 @@ def _validate(cfg: Config, spec: DatasetSpec) -> None:
                         f"(0..{spec.num_classes - 1})")
     if cfg.attack_label_trans not in LABEL_TRANSFORMS:
         raise UserError(f"--attack_label_trans {cfg.attack_label_trans!r}; choose all2one or all2all")
-    for key in ("epochs", "batch_size"):
-        if getattr(cfg, key) < 1:
-            raise UserError(f"--{key} must be at least 1")
-    if cfg.lr <= 0:
-        raise UserError("--lr must be positive")
     if "/" in cfg.save_folder_name or cfg.save_folder_name in ("", ".", ".."):
         raise UserError(f"--save_folder_name {cfg.save_folder_name!r} must be a plain folder name")
 
@@ -129,12 +125,12 @@ def run_attack(attack: type[Attack], argv=None) -> Path:
     cfg.attack = attack.name
     spec = get_spec(cfg.dataset)
     _validate(cfg, spec)
-    device = resolve_device(getattr(cfg, "device", "auto"))
+    device = resolve_device(cfg.device)
 
-    out_dir = Path(getattr(cfg, "record_dir", "record")) / cfg.save_folder_name
-    resume = bool(getattr(cfg, "resume", False))
-    dataset = load_dataset(cfg.dataset, cfg.dataset_path, getattr(cfg, "cache_dir", None))  # before any write
-    prepare_output_dir(out_dir, overwrite=bool(getattr(cfg, "overwrite", False)), resume=resume)
+    out_dir = Path(cfg.record_dir) / cfg.save_folder_name
+    resume = bool(cfg.resume)
+    dataset = load_dataset(cfg.dataset, cfg.dataset_path, cfg.cache_dir)  # before any write
+    prepare_output_dir(out_dir, overwrite=bool(cfg.overwrite), resume=resume)
     checkpoint_path = out_dir / "checkpoint.pt"
     checkpoint = None
     if resume and checkpoint_path.exists():
@@ -183,13 +179,13 @@ def _train(attack, cfg, spec, dataset, device, out_dir: Path, checkpoint, artifa
         scheduler.load_state_dict(checkpoint["scheduler"])
         rows, start_epoch = checkpoint["rows"], checkpoint["epoch"] + 1
 
-    amp = bool(getattr(cfg, "amp", True)) and device.type == "cuda"
+    amp = bool(cfg.amp) and device.type == "cuda"
     normalizer = Normalizer(spec.mean, spec.std, device)
     loader = BatchLoader(poisoned, cfg.batch_size, normalizer, device=device, shuffle=True,
-                         crop_padding=getattr(cfg, "random_crop_padding", 0), hflip=getattr(cfg, "random_hflip", False),
+                         crop_padding=cfg.random_crop_padding, hflip=cfg.random_hflip,
                          seed=cfg.random_seed)
     evaluator = Evaluator(dataset.test, bd_test, normalizer, device=device, amp=amp,
-                          batch_size=getattr(cfg, "eval_batch_size", 512))
+                          batch_size=cfg.eval_batch_size)
 
     def save_checkpoint(epoch: int, history: list[dict]) -> None:
         torch_save(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -197,7 +193,7 @@ def _train(attack, cfg, spec, dataset, device, out_dir: Path, checkpoint, artifa
                                      "poison_index": poison_index, "config": portable(cfg)})
 
     reporter = EpochReporter(evaluator, model, out_dir, "attack", logger, epochs=cfg.epochs,
-                             eval_every=getattr(cfg, "eval_every", 1), rows=rows, after=save_checkpoint)
+                             eval_every=cfg.eval_every, rows=rows, after=save_checkpoint)
     start = time.perf_counter()
     fit(model, loader, optimizer, scheduler, attack.loss_fn(cfg, artifacts), epochs=cfg.epochs,
         start_epoch=start_epoch, amp=amp, on_epoch_end=reporter, desc=f"attack {attack.name}")

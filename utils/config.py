@@ -78,6 +78,15 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", type=str2bool, nargs="?", const=True, help="replace an existing output")
 
 
+# The lowest layer of every merge: settings that are not about the experiment itself.
+COMMON_DEFAULTS = {
+    "dataset_path": "./data", "cache_dir": None, "record_dir": "record", "device": "auto", "amp": True,
+    "num_workers": 4, "eval_every": 1, "eval_batch_size": 512, "random_crop_padding": 0, "random_hflip": False,
+    "overwrite": False, "resume": False, "index": None,
+    "steplr_milestones": [], "steplr_stepsize": 30, "steplr_gamma": 0.1,
+}
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"config file {path} not found")
@@ -105,20 +114,22 @@ def _coerce(action: argparse.Action, key: str, value, source: Path):
         raise UserError(f"{source}: {key}={value!r} is not a valid value for --{key}") from None
 
 
-def resolve_config(parser: argparse.ArgumentParser, base_files, argv=None) -> Config:
-    """Parse flags, then merge ``base_files`` (paths, or a callable taking the flags and returning
-    paths), ``--yaml_path`` and the flags, in that order."""
+def resolve_config(parser: argparse.ArgumentParser, layers, argv=None) -> Config:
+    """Parse flags, then merge, each over the one before: :data:`COMMON_DEFAULTS`, ``layers`` (YAML
+    paths or dicts, or a callable taking the parsed flags and returning them), ``--yaml_path`` and
+    the flags."""
     args = vars(parser.parse_args(argv))
     actions = {a.dest: a for a in parser._actions}
-    files = list(base_files(args) if callable(base_files) else base_files)
+    layers = list(layers(args) if callable(layers) else layers)
     if "yaml_path" in args:
-        files.append(Path(args["yaml_path"]))
-    merged: dict = {}
-    for f in files:
-        for key, value in _read_yaml(Path(f)).items():
+        layers.append(Path(args["yaml_path"]))
+    merged: dict = {k: v for k, v in COMMON_DEFAULTS.items() if k in actions}
+    for layer in layers:
+        source = Path(layer) if not isinstance(layer, dict) else Path("<record>")
+        for key, value in (layer.items() if isinstance(layer, dict) else _read_yaml(source).items()):
             if key not in actions:
-                raise UserError(f"{f}: unknown setting {key!r} (see --help for the accepted flags)")
-            merged[key] = _coerce(actions[key], key, value, Path(f))
+                raise UserError(f"{source}: unknown setting {key!r} (see --help for the accepted flags)")
+            merged[key] = _coerce(actions[key], key, value, source)
     merged.update(args)
     return Config(**merged)
 
@@ -127,6 +138,15 @@ def require(cfg: Config, *keys: str) -> None:
     missing = [k for k in keys if getattr(cfg, k, None) is None]
     if missing:
         raise UserError(f"missing setting(s) {', '.join('--' + k for k in missing)}: give them as flags or in YAML")
+
+
+def check_training(cfg: Config) -> None:
+    """Ranges of the training settings that are present (a defense without training may lack some)."""
+    for key in ("epochs", "batch_size", "eval_every", "eval_batch_size"):
+        if getattr(cfg, key, 1) < 1:
+            raise UserError(f"--{key} {getattr(cfg, key)} must be at least 1")
+    if getattr(cfg, "lr", 1.0) <= 0:
+        raise UserError(f"--lr {cfg.lr} must be positive")
 
 
 def check_range(name: str, value: float, low: float, high: float, low_open: bool = True) -> None:

@@ -23,8 +23,8 @@ import torch
 
 from models import create_model
 from utils.attack import load_attack_record, portable, rebuild_backdoor_test
-from utils.config import (CONFIG_DIR, Config, add_common_arguments, check_range, new_parser, require,
-                          resolve_config, resolve_device, seed_everything)
+from utils.config import (CONFIG_DIR, Config, add_common_arguments, check_range, check_training, new_parser,
+                          require, resolve_config, resolve_device, seed_everything)
 from utils.backdoor import random_subset
 from utils.data import BatchLoader, DatasetSpec, ImageSet, Normalizer, load_dataset
 from utils.errors import UserError
@@ -33,7 +33,7 @@ from utils.metrics import der
 from utils.record import FORMAT_VERSION, load_into, load_tensors, save_tensors, write_json, write_yaml
 from utils.runner import EpochReporter, log_config, place_model, prepare_output_dir, setup_logging
 
-# Settings a defense takes from the attack record unless given: they describe the data and model.
+# Settings a defense takes from the attack record (below its own config and flags): the data and model.
 INHERITED_KEYS = ("dataset", "model", "random_crop_padding", "random_hflip")
 
 
@@ -63,7 +63,7 @@ Purify = Callable[[torch.nn.Module, CleanData, Config, Callable[[int, dict], Non
 
 def reserved_indices(num_train: int, cfg: Config) -> torch.Tensor:
     """The defender's clean subset: ``--index`` (a file of indices, one per line) or ``--ratio``."""
-    index_file = getattr(cfg, "index", None)
+    index_file = cfg.index
     if index_file:
         try:
             values = [int(v) for v in Path(index_file).read_text().split()]
@@ -86,24 +86,31 @@ def run_defense(name: str, purify: Purify, add_arguments: Callable | None = None
     g = parser.add_argument_group("defense")
     g.add_argument("--result_file", type=str, help="name of the attack record under --record_dir")
     g.add_argument("--ratio", type=float, help="fraction of the clean training set the defender holds")
-    g.add_argument("--index", type=str, help="file of training-set indices the defender holds (overrides --ratio)")
+    g.add_argument("--index", type=str,
+                   help="file of training-set indices the defender holds (overrides --ratio)")
     if add_arguments is not None:
         add_arguments(parser.add_argument_group(name))
     base = CONFIG_DIR / "defense" / name / "config.yaml"
-    cfg = resolve_config(parser, [base] if base.is_file() else [], argv)
-    require(cfg, "result_file", "epochs", "batch_size", "random_seed")
-    cfg.defense = name
+    record: dict = {}
 
-    record_dir = Path(getattr(cfg, "record_dir", "record")) / cfg.result_file
-    meta, attack_summary, attack_cfg = load_attack_record(record_dir)
-    for key in INHERITED_KEYS:
-        if not hasattr(cfg, key) and key in attack_cfg:
-            setattr(cfg, key, attack_cfg[key])
+    def layers(args: dict) -> list:
+        if "result_file" not in args:
+            raise UserError("missing --result_file: name the attack record to defend (record/<name>/)")
+        record_dir = Path(args.get("record_dir", "record")) / args["result_file"]
+        record.update(zip(("meta", "summary", "config"), load_attack_record(record_dir)), dir=record_dir)
+        inherited = {k: record["config"][k] for k in INHERITED_KEYS if k in record["config"]}
+        return [inherited] + ([base] if base.is_file() else [])
+
+    cfg = resolve_config(parser, layers, argv)
+    require(cfg, "ratio", "random_seed", "epochs")
+    check_training(cfg)
+    cfg.defense = name
+    record_dir, meta = record["dir"], record["meta"]
     if cfg.dataset != meta["dataset"]["name"]:
         raise UserError(f"--dataset {cfg.dataset} differs from the record's {meta['dataset']['name']}")
-    device = resolve_device(getattr(cfg, "device", "auto"))
+    device = resolve_device(cfg.device)
 
-    dataset = load_dataset(cfg.dataset, getattr(cfg, "dataset_path", "./data"), getattr(cfg, "cache_dir", None))
+    dataset = load_dataset(cfg.dataset, cfg.dataset_path, cfg.cache_dir)
     if dataset.fingerprint != meta["dataset"]["fingerprint"]:
         raise UserError(f"the data at {cfg.dataset_path} (fingerprint {dataset.fingerprint}) is not the data the "
                         f"attack used ({meta['dataset']['fingerprint']}); pass the --dataset_path the attack used")
@@ -114,7 +121,7 @@ def run_defense(name: str, purify: Purify, add_arguments: Callable | None = None
     reserved = reserved_indices(len(dataset.train), cfg)
 
     out_dir = record_dir / "defense" / name
-    prepare_output_dir(out_dir, overwrite=bool(getattr(cfg, "overwrite", False)))
+    prepare_output_dir(out_dir, overwrite=bool(cfg.overwrite))
     out_dir.mkdir(parents=True)
     try:
         return _defend(name, purify, cfg, out_dir, record_dir, meta, model, dataset, bd_test, reserved, device)
@@ -133,15 +140,15 @@ def _defend(name, purify, cfg, out_dir, record_dir, meta, model, dataset, bd_tes
     logger.info("defender holds %d clean training images", len(reserved))
 
     model = place_model(model, device)
-    amp = bool(getattr(cfg, "amp", True)) and device.type == "cuda"
+    amp = bool(cfg.amp) and device.type == "cuda"
     evaluator = Evaluator(dataset.test, bd_test, Normalizer(spec.mean, spec.std, device), device=device, amp=amp,
-                          batch_size=getattr(cfg, "eval_batch_size", 512))
+                          batch_size=cfg.eval_batch_size)
     before = evaluator(model)
     logger.info("attacked model: clean_acc=%.4f asr=%.4f ra=%.4f", before["clean_acc"], before["asr"], before["ra"])
     clean = CleanData(dataset.train.subset(reserved), spec, device,
-                      crop_padding=getattr(cfg, "random_crop_padding", 0), hflip=getattr(cfg, "random_hflip", False))
+                      crop_padding=cfg.random_crop_padding, hflip=cfg.random_hflip)
     reporter = EpochReporter(evaluator, model, out_dir, name, logger, epochs=cfg.epochs,
-                             eval_every=getattr(cfg, "eval_every", 1), rows=[{"epoch": 0, **before}])
+                             eval_every=cfg.eval_every, rows=[{"epoch": 0, **before}])
 
     seed_everything(cfg.random_seed)
     start = time.perf_counter()

@@ -41,11 +41,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg, epochs: int):
     if name in ("cosineannealinglr", "cosine"):
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     if name == "multisteplr":
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(getattr(cfg, "steplr_milestones", [])),
-                                                    gamma=getattr(cfg, "steplr_gamma", 0.1))
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.steplr_milestones),
+                                                    gamma=cfg.steplr_gamma)
     if name == "steplr":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=getattr(cfg, "steplr_stepsize", 30),
-                                               gamma=getattr(cfg, "steplr_gamma", 0.1))
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.steplr_stepsize,
+                                               gamma=cfg.steplr_gamma)
     if name in ("none", "constant"):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     raise UserError(f"unknown --lr_scheduler {cfg.lr_scheduler!r}; choose CosineAnnealingLR, MultiStepLR, "
