@@ -133,7 +133,7 @@ def purify(model, clean, cfg, report):
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.wd)
     scheduler = build_scheduler(optimizer, cfg, cfg.epochs)
     fit(model, clean.loader(cfg.batch_size, cfg.random_seed), optimizer, scheduler, loss_fn, epochs=cfg.epochs,
-        amp=cfg.amp and clean.device.type == "cuda", train_mode=cfg.train_mode,
+        amp=cfg.amp, train_mode=cfg.train_mode,
         after_step=lambda: project(weights, init_norms, cfg.Lp), on_epoch_end=report, desc="d3")
     return model
 

@@ -22,7 +22,7 @@ def purify(model, clean, cfg, report):
     optimizer = build_optimizer(model.parameters(), cfg)
     scheduler = build_scheduler(optimizer, cfg, cfg.epochs)
     fit(model, clean.loader(cfg.batch_size, cfg.random_seed), optimizer, scheduler, cross_entropy_loss,
-        epochs=cfg.epochs, amp=cfg.amp and clean.device.type == "cuda", on_epoch_end=report, desc="ft")
+        epochs=cfg.epochs, amp=cfg.amp, on_epoch_end=report, desc="ft")
     return model
 
 

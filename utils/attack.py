@@ -179,12 +179,11 @@ def _train(attack, cfg, spec, dataset, device, out_dir: Path, checkpoint, artifa
         scheduler.load_state_dict(checkpoint["scheduler"])
         rows, start_epoch = checkpoint["rows"], checkpoint["epoch"] + 1
 
-    amp = bool(cfg.amp) and device.type == "cuda"
     normalizer = Normalizer(spec.mean, spec.std, device)
     loader = BatchLoader(poisoned, cfg.batch_size, normalizer, device=device, shuffle=True,
                          crop_padding=cfg.random_crop_padding, hflip=cfg.random_hflip,
                          seed=cfg.random_seed)
-    evaluator = Evaluator(dataset.test, bd_test, normalizer, device=device, amp=amp,
+    evaluator = Evaluator(dataset.test, bd_test, normalizer, device=device, amp=cfg.amp,
                           batch_size=cfg.eval_batch_size)
 
     def save_checkpoint(epoch: int, history: list[dict]) -> None:
@@ -196,7 +195,7 @@ def _train(attack, cfg, spec, dataset, device, out_dir: Path, checkpoint, artifa
                              eval_every=cfg.eval_every, rows=rows, after=save_checkpoint)
     start = time.perf_counter()
     fit(model, loader, optimizer, scheduler, attack.loss_fn(cfg, artifacts), epochs=cfg.epochs,
-        start_epoch=start_epoch, amp=amp, on_epoch_end=reporter, desc=f"attack {attack.name}")
+        start_epoch=start_epoch, amp=cfg.amp, on_epoch_end=reporter, desc=f"attack {attack.name}")
     wall = time.perf_counter() - start
 
     final = reporter.rows[-1]

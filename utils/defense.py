@@ -140,8 +140,7 @@ def _defend(name, purify, cfg, out_dir, record_dir, meta, model, dataset, bd_tes
     logger.info("defender holds %d clean training images", len(reserved))
 
     model = place_model(model, device)
-    amp = bool(cfg.amp) and device.type == "cuda"
-    evaluator = Evaluator(dataset.test, bd_test, Normalizer(spec.mean, spec.std, device), device=device, amp=amp,
+    evaluator = Evaluator(dataset.test, bd_test, Normalizer(spec.mean, spec.std, device), device=device, amp=cfg.amp,
                           batch_size=cfg.eval_batch_size)
     before = evaluator(model)
     logger.info("attacked model: clean_acc=%.4f asr=%.4f ra=%.4f", before["clean_acc"], before["asr"], before["ra"])

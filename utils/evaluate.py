@@ -24,7 +24,8 @@ def predict(model: torch.nn.Module, images: torch.Tensor, normalizer: Normalizer
         x = normalizer(images[i:i + batch_size].to(device, non_blocking=True))
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                            enabled=amp and torch.device(device).type == "cuda"):
             out.append(model(x).float().cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)

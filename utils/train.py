@@ -65,7 +65,7 @@ def fit(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer, schedu
         seen = 0
         start = time.perf_counter()
         for x, y in tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, unit="batch"):
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
                 loss, logs = loss_fn(model, x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
