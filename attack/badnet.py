@@ -58,7 +58,7 @@ class BadNet(Attack):
         parser.add_argument("--patch_size", type=int, help="side of the default white square patch")
 
     @classmethod
-    def make_trigger(cls, cfg, spec) -> dict[str, torch.Tensor]:
+    def make_trigger(cls, cfg, spec, dataset=None) -> dict[str, torch.Tensor]:
         size = spec.image_size
         if cfg.patch_path:
             patch = _place_bottom_right(_read_image(cfg.patch_path, "patch"), size, "patch")

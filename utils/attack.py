@@ -2,11 +2,20 @@
 what makes that attack (its trigger, its flags, its defaults).
 
 An attack is a subclass of :class:`Attack` registered with :func:`register_attack`:
-    * ``make_trigger(cfg, spec)`` builds the trigger artifacts (tensors) once;
+    * ``make_trigger(cfg, spec, dataset)`` builds the trigger artifacts (tensors) once;
     * ``apply_trigger(images, artifacts)`` is a pure, batched function of uint8 images and those
       artifacts. The record stores the artifacts, so the poisoned sets are rebuilt exactly from
       the record, never by re-running the attack's set-up.
-Attacks that control training (later: WaNet's noise mode, Input-aware) override ``loss_fn``.
+Optional, for attacks that poison differently:
+    * ``select_poison_index(cfg, labels)`` which training samples carry the trigger (default: a
+      seeded ``round(pratio * N)`` from all classes); ``clean_label = True`` keeps their labels (SIG);
+    * ``batch_hook(cfg, artifacts, spec)`` training-controlled attacks (WaNet, Input-aware): a
+      :data:`utils.data.BatchHook` called on every raw uint8 training batch before normalisation,
+      in place of the default augmentation. It may poison a share of the batch afresh, change
+      labels and augment; its random draws come from the loader's per-epoch generator, so a
+      resumed run is exact. Modules it trains (Input-aware's generator) go in its ``state_dict``,
+      which the checkpoint stores;
+    * ``loss_fn(cfg, artifacts)`` the training loss (default: cross-entropy).
 """
 from __future__ import annotations
 
@@ -40,14 +49,26 @@ _ATTACKS: dict[str, type["Attack"]] = {}
 class Attack:
     """Base class: subclasses set ``name`` and implement the two trigger methods."""
     name: str = ""
+    clean_label: bool = False  # poisoned training samples keep their true labels
 
     @classmethod
     def add_arguments(cls, parser) -> None:
         """Flags of this attack only."""
 
     @classmethod
-    def make_trigger(cls, cfg: Config, spec: DatasetSpec) -> dict[str, torch.Tensor]:
+    def make_trigger(cls, cfg: Config, spec: DatasetSpec, dataset: Dataset | None = None) -> dict[str, torch.Tensor]:
+        """The trigger artifacts; ``dataset`` is the clean data, for attacks whose trigger is learned."""
         raise NotImplementedError
+
+    @classmethod
+    def select_poison_index(cls, cfg: Config, labels: torch.Tensor) -> torch.Tensor:
+        """Training samples to poison, sorted: ``round(pratio * N)`` drawn with the seed from all classes."""
+        return select_poison_indices(len(labels), cfg.pratio, cfg.random_seed)
+
+    @classmethod
+    def batch_hook(cls, cfg: Config, artifacts: dict[str, torch.Tensor], spec: DatasetSpec):
+        """``None`` for data-poisoning attacks; training-controlled attacks return a BatchHook."""
+        return None
 
     @staticmethod
     def apply_trigger(images: torch.Tensor, artifacts: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -138,8 +159,8 @@ def run_attack(attack: type[Attack], argv=None) -> Path:
         _check_resumable(checkpoint["config"], portable(cfg), checkpoint_path)
     # Trigger and poison indices are fixed at the start (before anything is written) and reloaded on resume.
     if checkpoint is None:
-        artifacts = attack.make_trigger(cfg, spec)
-        poison_index = select_poison_indices(len(dataset.train), cfg.pratio, cfg.random_seed)
+        artifacts = attack.make_trigger(cfg, spec, dataset)
+        poison_index = attack.select_poison_index(cfg, dataset.train.labels)
     else:
         artifacts = load_tensors(out_dir / "trigger.safetensors")
         poison_index = checkpoint["poison_index"]
@@ -161,7 +182,7 @@ def _train(attack, cfg, spec, dataset, device, out_dir: Path, checkpoint, artifa
 
     trigger = trigger_function(attack, artifacts)
     poisoned = poison_train_set(dataset.train, poison_index, trigger, cfg.attack_label_trans, cfg.attack_target,
-                                spec.num_classes)
+                                spec.num_classes, relabel=not attack.clean_label)
     bd_test = backdoor_test_set(dataset.test, trigger, cfg.attack_label_trans, cfg.attack_target, spec.num_classes)
     save_tensors(out_dir / "indices.safetensors", {"train_poison_index": poison_index,
                                                    "test_backdoor_index": bd_test.index})
@@ -182,7 +203,7 @@ def _train(attack, cfg, spec, dataset, device, out_dir: Path, checkpoint, artifa
     normalizer = Normalizer(spec.mean, spec.std, device)
     loader = BatchLoader(poisoned, cfg.batch_size, normalizer, device=device, shuffle=True,
                          crop_padding=cfg.random_crop_padding, hflip=cfg.random_hflip,
-                         seed=cfg.random_seed)
+                         seed=cfg.random_seed, batch_hook=attack.batch_hook(cfg, artifacts, spec))
     evaluator = Evaluator(dataset.test, bd_test, normalizer, device=device, amp=cfg.amp,
                           batch_size=cfg.eval_batch_size)
 

@@ -56,12 +56,14 @@ def apply_in_batches(trigger: TriggerFn, images: torch.Tensor, batch_size: int =
 
 
 def poison_train_set(clean: ImageSet, poison_index: torch.Tensor, trigger: TriggerFn, rule: str, target: int,
-                     num_classes: int) -> ImageSet:
-    """The training set the victim sees: the chosen samples carry the trigger and the attack label."""
+                     num_classes: int, relabel: bool = True) -> ImageSet:
+    """The training set the victim sees: the chosen samples carry the trigger and (unless the attack
+    is clean-label, ``relabel=False``) the attack label."""
     images, labels = clean.images.clone(), clean.labels.clone()
     if len(poison_index):
         images[poison_index] = apply_in_batches(trigger, clean.images[poison_index])
-        labels[poison_index] = attack_labels(clean.labels[poison_index], rule, target, num_classes)
+        if relabel:
+            labels[poison_index] = attack_labels(clean.labels[poison_index], rule, target, num_classes)
     return ImageSet(images, labels)
 
 

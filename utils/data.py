@@ -22,6 +22,7 @@ import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -311,21 +312,28 @@ def random_crop_flip(images: torch.Tensor, padding: int, hflip: bool, generator:
     return images
 
 
+# A per-batch hook of training-controlled attacks: (uint8 images [B,C,H,W], labels [B], the epoch's
+# generator) -> (images as uint8 or float on the 0..255 scale, labels), before normalisation.
+BatchHook = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+
+
 class BatchLoader:
     """Shuffled, augmented, normalised batches from a GPU- (or CPU-) resident uint8 ImageSet.
 
     The order and augmentation of epoch ``e`` depend only on ``(seed, e)``, so a resumed run
-    sees exactly the batches an uninterrupted one would.
+    sees exactly the batches an uninterrupted one would. ``batch_hook`` (training-controlled
+    attacks) replaces the default crop/flip: it gets each raw batch and the same generator.
     """
 
     def __init__(self, data: ImageSet, batch_size: int, normalizer: Normalizer, *, device, shuffle: bool = True,
                  crop_padding: int = 0, hflip: bool = False, drop_last: bool = False, seed: int = 0,
-                 channels_last: bool = True):
+                 channels_last: bool = True, batch_hook: BatchHook | None = None):
         self.images = data.images.to(device)
         self.labels = data.labels.to(device)
         self.batch_size, self.normalizer, self.device = batch_size, normalizer, torch.device(device)
         self.shuffle, self.crop_padding, self.hflip, self.drop_last = shuffle, crop_padding, hflip, drop_last
         self.seed, self.channels_last, self.epoch = seed, channels_last, 0
+        self.batch_hook = batch_hook
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -342,10 +350,12 @@ class BatchLoader:
             torch.arange(n, device=self.device)
         for b in range(len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            x = self.images[idx]
-            if self.crop_padding or self.hflip:
+            x, y = self.images[idx], self.labels[idx]
+            if self.batch_hook is not None:
+                x, y = self.batch_hook(x, y, gen)
+            elif self.crop_padding or self.hflip:
                 x = random_crop_flip(x, self.crop_padding, self.hflip, gen)
             x = self.normalizer(x)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.labels[idx]
+            yield x, y
