@@ -1,9 +1,11 @@
 """PreAct-ResNet18 (He et al., "Identity Mappings in Deep Residual Networks", ECCV 2016).
 
-Layout follows BackdoorBench's ``preactresnet18`` (the model of the D3 paper's Table 1):
-a 3x3 stem without pooling (CIFAR-sized inputs), four stages of two pre-activation basic
-blocks (64/128/256/512 channels, strides 1/2/2/2), a final BN-ReLU, global average pooling
-and a classifier named ``linear`` -- D3 selects its layer by that name.
+Layout is exactly BackdoorBench's ``PreActResNet18`` (its ``models/preact_resnet.py``, the model of
+the D3 paper's Table 1): a 3x3 stem without pooling (CIFAR-sized inputs), four stages of two
+pre-activation basic blocks (64/128/256/512 channels, strides 1/2/2/2), then global average pooling
+of the last block's output -- a sum of residual branches, with no final BN or ReLU -- and a
+classifier named ``linear``, the layer D3 selects by default. Module names, state-dict keys and
+shapes are BackdoorBench's, so its checkpoints load strictly.
 
 ``width`` scales every stage; ``preactresnet18_w16`` / ``_w32`` are the narrow variants that
 make a CPU smoke run practical (the full model trains at about 50 images/s on 2 CPU cores).
@@ -52,14 +54,12 @@ class PreActResNet(nn.Module):
                 in_planes = planes
             stages.append(nn.Sequential(*layers))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.bn = nn.BatchNorm2d(in_planes)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(in_planes, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv1(x)
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        out = F.relu(self.bn(out))
         return self.linear(torch.flatten(self.avgpool(out), 1))
 
 

@@ -55,7 +55,7 @@ def test_attack_record_is_complete(attacked):
     summary = json.loads((rec / "summary.json").read_text())
     check_fraction(summary, "clean_acc", "asr", "ra")
     meta = json.loads((rec / "record.json").read_text())
-    assert meta["format_version"] == 1 and meta["attack"] == "badnet" and meta["dataset"]["name"] == "cifar10"
+    assert meta["format_version"] == 2 and meta["attack"] == "badnet" and meta["dataset"]["name"] == "cifar10"
     config = yaml.safe_load((rec / "config.yaml").read_text())
     assert config["random_seed"] == 1 and config["pratio"] == 0.1 and config["model"] == "preactresnet18_w8"
     text = "".join(p.read_text(errors="ignore") for p in rec.iterdir() if p.suffix in (".json", ".yaml", ".csv"))

@@ -30,8 +30,10 @@ from safetensors.torch import load_file, save_file
 
 from utils.errors import UserError
 
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+# Version 2: SHA-256 of every file in record.json, and PreAct-ResNet18 without the final BN that
+# version 1 had (BackdoorBench's layout). Older records are refused, not migrated.
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (2,)
 
 
 def _atomic(path: Path, write) -> None:
@@ -140,7 +142,10 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
 def check_format(meta: dict, path: Path, kind: str) -> None:
     version = meta.get("format_version")
     if version not in SUPPORTED_FORMAT_VERSIONS:
-        raise UserError(f"{path} has record format version {version!r}; this code reads "
-                        f"{SUPPORTED_FORMAT_VERSIONS} (update the toolkit)")
+        readable = " or ".join(str(v) for v in SUPPORTED_FORMAT_VERSIONS)
+        advice = ("rerun the step that wrote it with this toolkit" if isinstance(version, int) and version < FORMAT_VERSION
+                  else "update the toolkit")
+        raise UserError(f"{path} has record format version {version!r}, this toolkit reads version {readable} "
+                        f"only; {advice}")
     if meta.get("kind") != kind:
         raise UserError(f"{path} is a {meta.get('kind')!r} record, expected {kind!r}")
