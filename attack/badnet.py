@@ -80,5 +80,9 @@ class BadNet(Attack):
         return torch.where(mask, artifacts["patch"].to(images.device), images)
 
 
+def main(argv: list[str] | None = None):
+    return run_attack(BadNet, argv)
+
+
 if __name__ == "__main__":
-    cli_main(lambda argv: run_attack(BadNet, argv))
+    cli_main(main)

@@ -138,5 +138,9 @@ def purify(model, clean, cfg, report):
     return model
 
 
+def main(argv: list[str] | None = None):
+    return run_defense("d3", purify, add_arguments, argv, description=__doc__.splitlines()[0])
+
+
 if __name__ == "__main__":
-    cli_main(lambda argv: run_defense("d3", purify, add_arguments, argv, description=__doc__.splitlines()[0]))
+    cli_main(main)

@@ -7,6 +7,8 @@ An attack is a subclass of :class:`Attack` registered with :func:`register_attac
       artifacts. The record stores the artifacts, so the poisoned sets are rebuilt exactly from
       the record, never by re-running the attack's set-up.
 Optional, for attacks that poison differently:
+    * ``apply_train_trigger(images, artifacts)`` the trigger on training images, when it differs
+      from the test-time one;
     * ``select_poison_index(cfg, labels)`` which training samples carry the trigger (default: a
       seeded ``round(pratio * N)`` from all classes); ``clean_label = True`` keeps their labels (SIG);
     * ``batch_hook(cfg, artifacts, spec)`` training-controlled attacks (WaNet, Input-aware): a
@@ -59,6 +61,12 @@ class Attack:
     def make_trigger(cls, cfg: Config, spec: DatasetSpec, dataset: Dataset | None = None) -> dict[str, torch.Tensor]:
         """The trigger artifacts; ``dataset`` is the clean data, for attacks whose trigger is learned."""
         raise NotImplementedError
+
+    @classmethod
+    def apply_train_trigger(cls, images: torch.Tensor, artifacts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The trigger on poisoned training images: the test-time trigger unless an attack's published
+        settings distinguish them (BackdoorBench's separate train/test blend ratios)."""
+        return cls.apply_trigger(images, artifacts)
 
     @classmethod
     def select_poison_index(cls, cfg: Config, labels: torch.Tensor) -> torch.Tensor:
@@ -181,8 +189,9 @@ def _train(attack, cfg, spec, dataset, device, out_dir: Path, checkpoint, artifa
                 len(dataset.test), dataset.fingerprint)
 
     trigger = trigger_function(attack, artifacts)
-    poisoned = poison_train_set(dataset.train, poison_index, trigger, cfg.attack_label_trans, cfg.attack_target,
-                                spec.num_classes, relabel=not attack.clean_label)
+    poisoned = poison_train_set(dataset.train, poison_index, lambda x: attack.apply_train_trigger(x, artifacts),
+                                cfg.attack_label_trans, cfg.attack_target, spec.num_classes,
+                                relabel=not attack.clean_label)
     bd_test = backdoor_test_set(dataset.test, trigger, cfg.attack_label_trans, cfg.attack_target, spec.num_classes)
     save_tensors(out_dir / "indices.safetensors", {"train_poison_index": poison_index,
                                                    "test_backdoor_index": bd_test.index})
