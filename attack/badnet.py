@@ -49,6 +49,7 @@ def _place_bottom_right(array: np.ndarray, size: int, what: str) -> np.ndarray:
 class BadNet(Attack):
     """BadNets patch-trigger attack (Gu et al. 2017), BackdoorBench defaults."""
     name = "badnet"
+    local_keys = ("patch_path", "mask_path")
 
     @classmethod
     def add_arguments(cls, parser) -> None:

@@ -64,3 +64,41 @@ def tiny_data(tmp_path_factory) -> dict:
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("BACKDOOR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+# A tiny attack for end-to-end runs: the narrow test model, 2 epochs of 200 images.
+TINY = ["--model", "preactresnet18_w8", "--epochs", "2", "--batch_size", "64"]
+
+
+def run_args(tiny_data: dict, record_dir) -> list[str]:
+    return ["--dataset_path", str(tiny_data["pickles"]), "--record_dir", str(record_dir)]
+
+
+@pytest.fixture(scope="session")
+def tiny_record(tiny_data, tmp_path_factory) -> Path:
+    """One finished BadNets record (``<records>/badnet``), made in-process once for the session and
+    shared read-only: a test that changes a record copies it first (:func:`copy_record`)."""
+    import attack.badnet as badnet
+    records = tmp_path_factory.mktemp("shared-records")
+    badnet.main(["--save_folder_name", "badnet", *run_args(tiny_data, records), "--random_seed", "1", *TINY])
+    return records / "badnet"
+
+
+def copy_record(record: Path, dest_root: Path, name: str | None = None) -> Path:
+    """A private copy of a record (without its defenses) to change or defend."""
+    import shutil
+    dest = dest_root / (name or record.name)
+    shutil.copytree(record, dest, ignore=shutil.ignore_patterns("defense"))
+    return dest
+
+
+def expect_error(capsys, main, argv, pattern: str) -> str:
+    """Run ``main(argv)`` as the CLI does: it must exit 2 with one ``error:`` line holding ``pattern``."""
+    from utils.runner import cli_main
+    with pytest.raises(SystemExit) as exc:
+        cli_main(main, argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # logs may precede it on stderr
+    assert err.startswith("error: "), err
+    assert pattern in err, err
+    return err

@@ -22,22 +22,25 @@ Optional, for attacks that poison differently:
 from __future__ import annotations
 
 import importlib
-import time
+import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from models import create_model, list_models
-from utils.backdoor import (LABEL_TRANSFORMS, BackdoorTestSet, backdoor_test_set, poison_train_set,
-                            select_poison_indices)
+from utils.backdoor import (LABEL_TRANSFORMS, BackdoorTestSet, backdoor_test_set, balanced_subset,
+                            poison_train_set, select_poison_indices)
 from utils.config import (CONFIG_DIR, Config, add_common_arguments, check_range, check_training, new_parser,
                           require, resolve_config, resolve_device, seed_everything, str2bool)
 from utils.data import BatchLoader, Dataset, DatasetSpec, Normalizer, get_spec, load_dataset, tensor_fingerprint
 from utils.errors import UserError
 from utils.evaluate import Evaluator
-from utils.record import (FORMAT_VERSION, load_tensors, safe_torch_load, save_tensors, torch_save, write_json,
-                          write_yaml)
-from utils.runner import EpochReporter, log_config, place_model, prepare_output_dir, setup_logging
+from utils.record import (load_tensors, read_json, read_manifest, read_yaml, save_tensors, sha256_file,
+                          write_json, write_manifest, write_yaml)
+from utils.runner import (CHECKPOINT, LOGGER_NAME, Checkpoint, EpochReporter, announce_plan, check_writable,
+                          describe_unfinished, is_finished, log_config, log_to_file, place_model, plan_output,
+                          setup_logging, writing_output)
 from utils.train import build_optimizer, build_scheduler, cross_entropy_loss, fit
 
 # Machine-local settings: logged, but kept out of records so that a record is portable.
@@ -52,6 +55,9 @@ class Attack:
     """Base class: subclasses set ``name`` and implement the two trigger methods."""
     name: str = ""
     clean_label: bool = False  # poisoned training samples keep their true labels
+    # Flags naming files on this machine (trigger images, .npy patterns): logged, kept out of the
+    # record, which holds what was read from them (trigger.safetensors), so records stay portable.
+    local_keys: tuple[str, ...] = ()
 
     @classmethod
     def add_arguments(cls, parser) -> None:
@@ -135,8 +141,13 @@ def _validate(cfg: Config, spec: DatasetSpec) -> None:
         raise UserError(f"--save_folder_name {cfg.save_folder_name!r} must be a plain folder name")
 
 
-def portable(cfg: Config) -> dict:
-    return {k: v for k, v in cfg.to_dict().items() if k not in LOCAL_KEYS}
+def portable(cfg: Config, local_keys: tuple[str, ...] = ()) -> dict:
+    """The configuration as a record keeps it: without machine-local settings."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in LOCAL_KEYS + local_keys}
+
+
+CPU_HINT = ("the README's quick start trains a narrow model for a few epochs in about 10 minutes: "
+            "--model preactresnet18_w16 --epochs 5 --lr 0.05 (add --train_subset N for a smaller smoke run)")
 
 
 def run_attack(attack: type[Attack], argv=None) -> Path:
@@ -147,6 +158,8 @@ def run_attack(attack: type[Attack], argv=None) -> Path:
     g.add_argument("--pratio", type=float, help="fraction of training samples poisoned, in (0, 1]")
     g.add_argument("--attack_target", type=int, help="target class (all2one)")
     g.add_argument("--attack_label_trans", type=str, help="all2one | all2all")
+    g.add_argument("--train_subset", type=int, help="train on N training images only (class-balanced, drawn "
+                   "with the seed; for smoke runs; recorded, and the defenses use the same subset)")
     g.add_argument("--resume", type=str2bool, nargs="?", const=True,
                    help="continue an interrupted run from its last finished epoch")
     attack.add_arguments(parser.add_argument_group(attack.name))
@@ -154,47 +167,62 @@ def run_attack(attack: type[Attack], argv=None) -> Path:
     cfg.attack = attack.name
     spec = get_spec(cfg.dataset)
     _validate(cfg, spec)
+    setup_logging()
     device = resolve_device(cfg.device)
 
-    out_dir = Path(cfg.record_dir) / cfg.save_folder_name
-    resume = bool(cfg.resume)
-    dataset = load_dataset(cfg.dataset, cfg.dataset_path, cfg.cache_dir)  # before any write
-    prepare_output_dir(out_dir, overwrite=bool(cfg.overwrite), resume=resume)
-    checkpoint_path = out_dir / "checkpoint.pt"
+    # Everything that can refuse the run is checked before the slow work and before any write.
+    record_dir = Path(cfg.record_dir)
+    check_writable(record_dir, "--record_dir")
+    out_dir = record_dir / cfg.save_folder_name
+    work = plan_output(out_dir, overwrite=bool(cfg.overwrite), resume=bool(cfg.resume))
     checkpoint = None
-    if resume and checkpoint_path.exists():
-        checkpoint = safe_torch_load(checkpoint_path)
-        _check_resumable(checkpoint["config"], portable(cfg), checkpoint_path)
-    # Trigger and poison indices are fixed at the start (before anything is written) and reloaded on resume.
+    if (work / CHECKPOINT).is_file():
+        checkpoint = Checkpoint.load(work / CHECKPOINT, portable(cfg, attack.local_keys), RESUMABLE_KEYS)
+    dataset = load_dataset(cfg.dataset, cfg.dataset_path, cfg.cache_dir)
+    subset_index = None
+    if cfg.train_subset is not None:
+        subset_index = balanced_subset(dataset.train.labels, cfg.train_subset, cfg.random_seed, spec.num_classes)
+        dataset = replace(dataset, train=dataset.train.subset(subset_index))
+    # Trigger and poison indices are fixed at the start and reloaded on resume.
     if checkpoint is None:
         artifacts = attack.make_trigger(cfg, spec, dataset)
         poison_index = attack.select_poison_index(cfg, dataset.train.labels)
     else:
-        artifacts = load_tensors(out_dir / "trigger.safetensors")
-        poison_index = checkpoint["poison_index"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if checkpoint is None:
-        save_tensors(out_dir / "trigger.safetensors", artifacts)
-        write_yaml(out_dir / "config.yaml", portable(cfg))
-    return _train(attack, cfg, spec, dataset, device, out_dir, checkpoint, artifacts, poison_index)
+        artifacts = load_tensors(work / "trigger.safetensors")
+        poison_index = checkpoint.extra["poison_index"]
+        checkpoint.path = work / CHECKPOINT
+    with writing_output(f"the attack {attack.name} -> {out_dir}", work, out_dir):
+        if checkpoint is None:
+            save_tensors(work / "trigger.safetensors", artifacts)
+            write_yaml(work / "config.yaml", portable(cfg, attack.local_keys))
+            checkpoint = Checkpoint(work / CHECKPOINT, portable(cfg, attack.local_keys),
+                                    {"poison_index": poison_index})
+        _train(attack, cfg, spec, dataset, device, work, checkpoint, artifacts, poison_index, subset_index)
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.info("attack record finished: %s; defend it with, e.g., python defense/d3.py --result_file %s%s",
+                out_dir, cfg.save_folder_name, "" if record_dir == Path("record") else f" --record_dir {record_dir}")
+    return out_dir
 
 
-def _train(attack, cfg, spec, dataset, device, out_dir: Path, checkpoint, artifacts, poison_index) -> Path:
-    checkpoint_path = out_dir / "checkpoint.pt"
-    logger = setup_logging(out_dir / "attack.log")
-    logger.info("attack %s -> %s (device %s)%s", attack.name, out_dir, device,
-                f", resuming after epoch {checkpoint['epoch'] + 1}" if checkpoint else "")
+def _train(attack, cfg, spec, dataset, device, work: Path, checkpoint: Checkpoint, artifacts, poison_index,
+           subset_index) -> None:
+    logger = log_to_file(work / "attack.log")
+    resumed = checkpoint.epochs_done()
+    logger.info("attack %s (device %s)%s", attack.name, device, f", resuming after epoch {resumed}" if resumed else "")
     log_config(logger, cfg.to_dict())
-    logger.info("dataset %s: %d train / %d test images, fingerprint %s", cfg.dataset, len(dataset.train),
-                len(dataset.test), dataset.fingerprint)
+    logger.info("dataset %s: %d train / %d test images, fingerprint %s%s", cfg.dataset, len(dataset.train),
+                len(dataset.test), dataset.fingerprint,
+                f" (class-balanced training subset of {len(subset_index)})" if subset_index is not None else "")
 
     trigger = trigger_function(attack, artifacts)
     poisoned = poison_train_set(dataset.train, poison_index, lambda x: attack.apply_train_trigger(x, artifacts),
                                 cfg.attack_label_trans, cfg.attack_target, spec.num_classes,
                                 relabel=not attack.clean_label)
     bd_test = backdoor_test_set(dataset.test, trigger, cfg.attack_label_trans, cfg.attack_target, spec.num_classes)
-    save_tensors(out_dir / "indices.safetensors", {"train_poison_index": poison_index,
-                                                   "test_backdoor_index": bd_test.index})
+    indices = {"train_poison_index": poison_index, "test_backdoor_index": bd_test.index}
+    if subset_index is not None:
+        indices["train_subset_index"] = subset_index
+    save_tensors(work / "indices.safetensors", indices)
     logger.info("poisoned %d of %d training images; backdoor test set: %d images", len(poison_index),
                 len(poisoned), len(bd_test))
 
@@ -202,53 +230,49 @@ def _train(attack, cfg, spec, dataset, device, out_dir: Path, checkpoint, artifa
     model = place_model(create_model(cfg.model, spec.num_classes), device)
     optimizer = build_optimizer(model.parameters(), cfg)
     scheduler = build_scheduler(optimizer, cfg, cfg.epochs)
-    rows, start_epoch = [], 0
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        rows, start_epoch = checkpoint["rows"], checkpoint["epoch"] + 1
-
     normalizer = Normalizer(spec.mean, spec.std, device)
+    batch_hook = attack.batch_hook(cfg, artifacts, spec)
     loader = BatchLoader(poisoned, cfg.batch_size, normalizer, device=device, shuffle=True,
                          crop_padding=cfg.random_crop_padding, hflip=cfg.random_hflip,
-                         seed=cfg.random_seed, batch_hook=attack.batch_hook(cfg, artifacts, spec))
+                         seed=cfg.random_seed, batch_hook=batch_hook)
     evaluator = Evaluator(dataset.test, bd_test, normalizer, device=device, amp=cfg.amp,
                           batch_size=cfg.eval_batch_size)
-
-    def save_checkpoint(epoch: int, history: list[dict]) -> None:
-        torch_save(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "scheduler": scheduler.state_dict(), "epoch": epoch, "rows": history,
-                                     "poison_index": poison_index, "config": portable(cfg)})
-
-    reporter = EpochReporter(evaluator, model, out_dir, "attack", logger, epochs=cfg.epochs,
-                             eval_every=cfg.eval_every, rows=rows, after=save_checkpoint)
-    start = time.perf_counter()
-    fit(model, loader, optimizer, scheduler, attack.loss_fn(cfg, artifacts), epochs=cfg.epochs,
-        start_epoch=start_epoch, amp=cfg.amp, on_epoch_end=reporter, desc=f"attack {attack.name}")
-    wall = time.perf_counter() - start
+    reporter = EpochReporter(evaluator, model, work, "attack", logger, epochs=cfg.epochs,
+                             eval_every=cfg.eval_every, checkpoint=checkpoint)
+    if not resumed:
+        announce_plan(logger, device, model, loader, epochs=cfg.epochs, images_per_epoch=len(poisoned),
+                      amp=cfg.amp, evaluations=-(-cfg.epochs // cfg.eval_every), eval_images=evaluator.num_images,
+                      cpu_hint=CPU_HINT)
+    extra_state = {"batch_hook": batch_hook} if hasattr(batch_hook, "state_dict") else None
+    fit(model, loader, optimizer, scheduler, attack.loss_fn(cfg, artifacts), epochs=cfg.epochs, amp=cfg.amp,
+        on_epoch_end=reporter, desc=f"attack {attack.name}", extra_state=extra_state)
 
     final = reporter.rows[-1]
-    save_tensors(out_dir / "model.safetensors", model.state_dict())
-    write_json(out_dir / "record.json", {
-        "format_version": FORMAT_VERSION, "kind": "attack", "attack": attack.name, "model": cfg.model,
-        "dataset": {"name": spec.name, "fingerprint": dataset.fingerprint, "num_classes": spec.num_classes,
-                    "image_size": spec.image_size, "train_size": len(dataset.train), "test_size": len(dataset.test)},
-        "attack_label_trans": cfg.attack_label_trans, "attack_target": cfg.attack_target,
-        "poisoned_train_fingerprint": tensor_fingerprint(poisoned.images, poisoned.labels),
-        "backdoor_test_fingerprint": backdoor_test_fingerprint(bd_test),
-    })
+    save_tensors(work / "model.safetensors", model.state_dict())
     summary = {"clean_acc": final["clean_acc"], "asr": final["asr"], "ra": final["ra"], "epochs": cfg.epochs,
                "train_seconds": sum(r["train_seconds"] for r in reporter.rows),
                "train_images_per_s": _mean(r["train_images_per_s"] for r in reporter.rows),
                "eval_images_per_s": reporter.eval_images / max(reporter.eval_seconds, 1e-9),
-               "wall_seconds_this_run": wall, "device": str(device)}
-    write_json(out_dir / "summary.json", summary)  # last: marks the record finished
-    checkpoint_path.unlink(missing_ok=True)
+               "wall_seconds": reporter.elapsed(), "device": str(device)}
+    write_json(work / "summary.json", summary)
+    write_manifest(work, {
+        "kind": "attack", "attack": attack.name, "model": cfg.model,
+        "dataset": {"name": spec.name, "fingerprint": dataset.fingerprint, "num_classes": spec.num_classes,
+                    "image_size": spec.image_size, "train_size": len(dataset.train), "test_size": len(dataset.test),
+                    "train_subset": cfg.train_subset},
+        "attack_label_trans": cfg.attack_label_trans, "attack_target": cfg.attack_target,
+        "poisoned_train_fingerprint": tensor_fingerprint(poisoned.images, poisoned.labels),
+        "backdoor_test_fingerprint": backdoor_test_fingerprint(bd_test),
+    }, ATTACK_FILES)  # last: marks the record finished
+    (work / CHECKPOINT).unlink(missing_ok=True)
     logger.info("done: clean_acc=%.4f asr=%.4f ra=%.4f  (%.0f train img/s, %.0f eval img/s, %.1fs)",
                 summary["clean_acc"], summary["asr"], summary["ra"], summary["train_images_per_s"],
-                summary["eval_images_per_s"], wall)
-    return out_dir
+                summary["eval_images_per_s"], summary["wall_seconds"])
+
+
+# The files of an attack record whose SHA-256 record.json holds (logs and plots are for people).
+ATTACK_FILES = ["config.yaml", "trigger.safetensors", "indices.safetensors", "model.safetensors", "metrics.csv",
+                "summary.json"]
 
 
 def backdoor_test_fingerprint(bd: BackdoorTestSet) -> str:
@@ -260,26 +284,35 @@ def _mean(values) -> float:
     return sum(values) / max(len(values), 1)
 
 
-def _check_resumable(saved: dict, current: dict, path: Path) -> None:
-    keys = (set(saved) | set(current)) - set(RESUMABLE_KEYS)
-    changed = sorted(k for k in keys if saved.get(k) != current.get(k))
-    if changed:
-        raise UserError(f"cannot resume from {path}: settings changed ({', '.join(changed)}); "
-                        f"resume with the original settings or pass --overwrite to start again")
+@dataclass
+class AttackRecord:
+    """A finished attack record, verified: every file it lists has the SHA-256 it was written with."""
+    dir: Path
+    meta: dict
+    summary: dict
+    config: dict
+    sha256: str  # of record.json, which holds the others' hashes: names this attack run
 
 
-def load_attack_record(record_dir: Path) -> tuple[dict, dict, dict]:
-    """(record.json, summary.json, config.yaml) of a finished attack record, with clear errors."""
-    from utils.record import check_format, read_json
-    import yaml
-    if not (record_dir / "summary.json").is_file():
-        hint = "it is unfinished (resume the attack with --resume)" if record_dir.is_dir() else "it does not exist"
-        raise UserError(f"no finished attack record at {record_dir}: {hint}; create one with "
-                        f"python attack/badnet.py --save_folder_name {record_dir.name}")
-    meta = read_json(record_dir / "record.json")
-    check_format(meta, record_dir / "record.json", "attack")
-    config = yaml.safe_load((record_dir / "config.yaml").read_text())
-    return meta, read_json(record_dir / "summary.json"), config
+def load_attack_record(record_dir: Path) -> AttackRecord:
+    """The attack record at ``record_dir``, with one clear line for each way it can be unusable."""
+    if not is_finished(record_dir):
+        raise UserError(f"no finished attack record at {record_dir}: {describe_unfinished(record_dir)}; create one "
+                        f"with python attack/badnet.py --save_folder_name {record_dir.name}")
+    meta = read_manifest(record_dir, "attack")
+    config = read_yaml(record_dir / "config.yaml")
+    if not isinstance(config, dict):
+        raise UserError(f"{record_dir / 'config.yaml'} does not hold a mapping of settings; the record is damaged")
+    return AttackRecord(record_dir, meta, read_json(record_dir / "summary.json"), config,
+                        sha256_file(record_dir / "record.json"))
+
+
+def load_train_set(record: AttackRecord, dataset: Dataset) -> Dataset:
+    """The dataset as the attack trained on it: its training subset when it used ``--train_subset``."""
+    if record.meta["dataset"].get("train_subset") is None:
+        return dataset
+    subset = load_tensors(record.dir / "indices.safetensors")["train_subset_index"]
+    return replace(dataset, train=dataset.train.subset(subset))
 
 
 def rebuild_backdoor_test(meta: dict, record_dir: Path, dataset: Dataset) -> BackdoorTestSet:

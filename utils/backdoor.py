@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from utils.data import ImageSet
+from utils.errors import UserError
 
 TriggerFn = Callable[[torch.Tensor], torch.Tensor]  # uint8 [N,C,H,W] -> uint8 [N,C,H,W]
 LABEL_TRANSFORMS = ("all2one", "all2all")
@@ -35,6 +36,22 @@ def random_subset(num_samples: int, count: int, seed: int, stream: str) -> torch
     digest = hashlib.sha256(f"{stream}:{seed}".encode()).digest()
     gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
     return torch.randperm(num_samples, generator=gen)[:count].sort().values
+
+
+def balanced_subset(labels: torch.Tensor, count: int, seed: int, num_classes: int) -> torch.Tensor:
+    """``count`` indices drawn with the seed, as evenly over the classes as they allow (the first
+    ``count mod K`` classes get one more), sorted. For smoke runs on a fraction of a dataset."""
+    labels = labels.cpu()
+    if not 1 <= count <= len(labels):
+        raise UserError(f"--train_subset {count} must be between 1 and the {len(labels)} training images")
+    per_class = [torch.nonzero(labels == k).flatten() for k in range(num_classes)]
+    quota = [count // num_classes + (1 if k < count % num_classes else 0) for k in range(num_classes)]
+    short = [k for k in range(num_classes) if quota[k] > len(per_class[k])]
+    if short:
+        raise UserError(f"--train_subset {count} needs {quota[short[0]]} images of class {short[0]}, which has "
+                        f"{len(per_class[short[0]])}; choose a smaller subset")
+    chosen = [idx[random_subset(len(idx), q, seed, f"train_subset:{k}")] for k, (idx, q) in enumerate(zip(per_class, quota))]
+    return torch.cat(chosen).sort().values
 
 
 def select_poison_indices(num_samples: int, pratio: float, seed: int) -> torch.Tensor:

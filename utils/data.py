@@ -19,6 +19,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +29,9 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from utils.errors import UserError
+from utils.progress import progress
 
 CACHE_VERSION = 1
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
@@ -172,7 +173,7 @@ def _read_image_tree(entries: dict, read_bytes, size: int, desc: str):
     for split in ("train", "test"):
         items = [(name, k) for k, c in enumerate(classes) for name in sorted(entries[(split, c)])]
         images = np.empty((len(items), 3, size, size), dtype=np.uint8)
-        for i, (name, _) in enumerate(tqdm(items, desc=f"decode {split}", leave=False, mininterval=1.0)):
+        for i, (name, _) in enumerate(progress(items, desc=f"decode {split}", leave=False, mininterval=1.0)):
             images[i] = _decode_image(read_bytes(name), size, f"{name} in {desc}")
         out += [images, np.array([k for _, k in items], dtype=np.int64)]
     return (*out, classes)
@@ -194,9 +195,9 @@ def _find_source(spec: DatasetSpec, path: Path):
 
 
 def _layout_help(spec: DatasetSpec, path: Path) -> str:
-    return (f"no {spec.name} data found at {path}; give --dataset_path as one of: a folder with the CIFAR-10 "
-            f"pickles (cifar-10-batches-py/), a folder with train/<class>/ and test/<class>/ image folders, "
-            f"or a .zip of such a tree")
+    return (f"no {spec.name} data found at {path.resolve()}; give --dataset_path as one of: (1) a folder holding "
+            f"the CIFAR-10 pickles, cifar-10-batches-py/data_batch_1..5 and test_batch; (2) a folder holding "
+            f"train/<class>/ and test/<class>/ image folders; (3) a .zip of such a tree")
 
 
 def _source_key(kind: str, location: Path) -> str:
@@ -230,11 +231,17 @@ def _decode(spec: DatasetSpec, kind: str, location: Path):
 
 def _download_cifar10(path: Path) -> None:
     import torchvision  # imported here: only the download needs it
+    created = not path.exists()
     try:
         torchvision.datasets.CIFAR10(root=str(path), train=True, download=True)
     except Exception as e:  # noqa: BLE001 - offline, DNS, disk: the user needs the same advice
-        raise UserError(f"CIFAR-10 is not at {path} and could not be downloaded ({type(e).__name__}); "
-                        f"place cifar-10-batches-py/ there or pass --dataset_path to a copy") from e
+        if created:
+            shutil.rmtree(path, ignore_errors=True)  # leave no empty or half-downloaded folder behind
+        where = path.resolve()
+        raise UserError(f"CIFAR-10 is not at {where} and could not be downloaded ({type(e).__name__}); place "
+                        f"cifar-10-batches-py/ (the python version of CIFAR-10) in {where}, or pass --dataset_path "
+                        f"to a folder with cifar-10-batches-py/, a folder with train/<class>/ and test/<class>/ "
+                        f"images, or a .zip of such a tree") from e
 
 
 def load_dataset(name: str, path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,

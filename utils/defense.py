@@ -13,8 +13,6 @@ The threat model is the signature ``purify(model, clean, cfg, report) -> model``
 """
 from __future__ import annotations
 
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,16 +20,20 @@ from typing import Callable
 import torch
 
 from models import create_model
-from utils.attack import load_attack_record, portable, rebuild_backdoor_test
+from utils.attack import (RESUMABLE_KEYS, AttackRecord, load_attack_record, load_train_set, portable,
+                          rebuild_backdoor_test)
 from utils.config import (CONFIG_DIR, Config, add_common_arguments, check_range, check_training, new_parser,
-                          require, resolve_config, resolve_device, seed_everything)
+                          require, resolve_config, resolve_device, seed_everything, str2bool)
 from utils.backdoor import random_subset
 from utils.data import BatchLoader, DatasetSpec, ImageSet, Normalizer, load_dataset
 from utils.errors import UserError
 from utils.evaluate import Evaluator
 from utils.metrics import der
-from utils.record import FORMAT_VERSION, load_into, load_tensors, save_tensors, write_json, write_yaml
-from utils.runner import EpochReporter, log_config, place_model, prepare_output_dir, setup_logging
+from utils.record import load_into, load_tensors, save_tensors, write_json, write_manifest, write_yaml
+from utils.runner import (CHECKPOINT, Checkpoint, EpochReporter, announce_plan, check_writable, log_config,
+                          log_to_file, place_model, plan_output, setup_logging,
+                          writing_output)
+from utils.train import EpochHook
 
 # Settings a defense takes from the attack record (below its own config and flags): the data and model.
 INHERITED_KEYS = ("dataset", "model", "random_crop_padding", "random_hflip")
@@ -79,6 +81,29 @@ def reserved_indices(num_train: int, cfg: Config) -> torch.Tensor:
     return random_subset(num_train, max(1, round(cfg.ratio * num_train)), cfg.random_seed, "reserved")
 
 
+CPU_HINT = ("the README's quick start defends a narrow model in a few minutes: --epochs 20 --eval_every 5 "
+            "(evaluation of the full test sets is a large share of a short defense on a CPU)")
+# The files of a defense output whose SHA-256 its record.json holds.
+DEFENSE_FILES = ["config.yaml", "reserved_index.safetensors", "model.safetensors", "metrics.csv", "summary.json"]
+
+
+class DefenseReport(EpochHook):
+    """The ``report`` a defense receives: it logs and checkpoints each epoch through ``fit`` and
+    returns nothing, so no metric reaches the defense."""
+
+    def __init__(self, reporter: EpochReporter):
+        self._reporter = reporter
+
+    def __call__(self, epoch: int, stats: dict) -> None:
+        self._reporter(epoch, stats)
+
+    def restore(self, stage: str, objects: dict) -> int:
+        return self._reporter.restore(stage, objects)
+
+    def save(self, stage: str, epoch: int, objects: dict) -> None:
+        self._reporter.save(stage, epoch, objects)
+
+
 def run_defense(name: str, purify: Purify, add_arguments: Callable | None = None, argv=None,
                 description: str | None = None) -> Path:
     parser = new_parser(description or f"{name} defense")
@@ -88,55 +113,64 @@ def run_defense(name: str, purify: Purify, add_arguments: Callable | None = None
     g.add_argument("--ratio", type=float, help="fraction of the clean training set the defender holds")
     g.add_argument("--index", type=str,
                    help="file of training-set indices the defender holds (overrides --ratio)")
+    g.add_argument("--resume", type=str2bool, nargs="?", const=True,
+                   help="continue an interrupted run from its last finished epoch")
     if add_arguments is not None:
         add_arguments(parser.add_argument_group(name))
     base = CONFIG_DIR / "defense" / name / "config.yaml"
-    record: dict = {}
+    loaded: list[AttackRecord] = []
 
     def layers(args: dict) -> list:
         if "result_file" not in args:
             raise UserError("missing --result_file: name the attack record to defend (record/<name>/)")
-        record_dir = Path(args.get("record_dir", "record")) / args["result_file"]
-        record.update(zip(("meta", "summary", "config"), load_attack_record(record_dir)), dir=record_dir)
-        inherited = {k: record["config"][k] for k in INHERITED_KEYS if k in record["config"]}
+        loaded.append(load_attack_record(Path(args.get("record_dir", "record")) / args["result_file"]))
+        inherited = {k: loaded[0].config[k] for k in INHERITED_KEYS if k in loaded[0].config}
         return [inherited] + ([base] if base.is_file() else [])
 
     cfg = resolve_config(parser, layers, argv)
     require(cfg, "ratio", "random_seed", "epochs")
     check_training(cfg)
+    if not cfg.index:
+        check_range("ratio", cfg.ratio, 0.0, 1.0)
     cfg.defense = name
-    record_dir, meta = record["dir"], record["meta"]
+    setup_logging()
+    record = loaded[0]
+    meta = record.meta
     if cfg.dataset != meta["dataset"]["name"]:
         raise UserError(f"--dataset {cfg.dataset} differs from the record's {meta['dataset']['name']}")
     device = resolve_device(cfg.device)
 
+    # Everything that can refuse the run is checked before the slow work and before any write.
+    out_dir = record.dir / "defense" / name
+    check_writable(out_dir.parent, "--record_dir")
+    work = plan_output(out_dir, overwrite=bool(cfg.overwrite), resume=bool(cfg.resume))
+    checkpoint = Checkpoint(work / CHECKPOINT, portable(cfg))
+    if (work / CHECKPOINT).is_file():
+        checkpoint = Checkpoint.load(work / CHECKPOINT, portable(cfg), RESUMABLE_KEYS)
     dataset = load_dataset(cfg.dataset, cfg.dataset_path, cfg.cache_dir)
     if dataset.fingerprint != meta["dataset"]["fingerprint"]:
         raise UserError(f"the data at {cfg.dataset_path} (fingerprint {dataset.fingerprint}) is not the data the "
                         f"attack used ({meta['dataset']['fingerprint']}); pass the --dataset_path the attack used")
-    spec = dataset.spec
-    model = create_model(cfg.model, spec.num_classes)
-    load_into(model, load_tensors(record_dir / "model.safetensors"), str(record_dir / "model.safetensors"))
-    bd_test = rebuild_backdoor_test(meta, record_dir, dataset)
+    dataset = load_train_set(record, dataset)
+    model = create_model(cfg.model, dataset.spec.num_classes)
+    load_into(model, load_tensors(record.dir / "model.safetensors"), str(record.dir / "model.safetensors"))
+    bd_test = rebuild_backdoor_test(meta, record.dir, dataset)
     reserved = reserved_indices(len(dataset.train), cfg)
-
-    out_dir = record_dir / "defense" / name
-    prepare_output_dir(out_dir, overwrite=bool(cfg.overwrite))
-    out_dir.mkdir(parents=True)
-    try:
-        return _defend(name, purify, cfg, out_dir, record_dir, meta, model, dataset, bd_test, reserved, device)
-    except BaseException:
-        shutil.rmtree(out_dir, ignore_errors=True)  # a failed defense leaves no half-written output
-        raise
+    with writing_output(f"the defense {name} on {record.dir}", work, out_dir):
+        _defend(name, purify, cfg, work, record, model, dataset, bd_test, reserved, device, checkpoint)
+    return out_dir
 
 
-def _defend(name, purify, cfg, out_dir, record_dir, meta, model, dataset, bd_test, reserved, device) -> Path:
+def _defend(name, purify, cfg, work: Path, record: AttackRecord, model, dataset, bd_test, reserved, device,
+            checkpoint: Checkpoint) -> None:
     spec = dataset.spec
-    logger = setup_logging(out_dir / "defense.log")
-    logger.info("defense %s on %s (device %s)", name, record_dir, device)
+    logger = log_to_file(work / "defense.log")
+    resumed = checkpoint.epochs_done()
+    logger.info("defense %s on %s (device %s)%s", name, record.dir, device,
+                f", resuming after {resumed} finished epoch(s)" if resumed else "")
     log_config(logger, cfg.to_dict())
-    write_yaml(out_dir / "config.yaml", portable(cfg))
-    save_tensors(out_dir / "reserved_index.safetensors", {"reserved_index": reserved})
+    write_yaml(work / "config.yaml", portable(cfg))
+    save_tensors(work / "reserved_index.safetensors", {"reserved_index": reserved})
     logger.info("defender holds %d clean training images", len(reserved))
 
     model = place_model(model, device)
@@ -146,19 +180,20 @@ def _defend(name, purify, cfg, out_dir, record_dir, meta, model, dataset, bd_tes
     logger.info("attacked model: clean_acc=%.4f asr=%.4f ra=%.4f", before["clean_acc"], before["asr"], before["ra"])
     clean = CleanData(dataset.train.subset(reserved), spec, device,
                       crop_padding=cfg.random_crop_padding, hflip=cfg.random_hflip)
-    reporter = EpochReporter(evaluator, model, out_dir, name, logger, epochs=cfg.epochs,
-                             eval_every=cfg.eval_every, rows=[{"epoch": 0, **before}])
+    if not resumed and getattr(cfg, "batch_size", None):
+        announce_plan(logger, device, model, clean.loader(cfg.batch_size, cfg.random_seed), epochs=cfg.epochs,
+                      images_per_epoch=len(reserved), amp=cfg.amp, evaluations=-(-cfg.epochs // cfg.eval_every),
+                      eval_images=evaluator.num_images, cpu_hint=CPU_HINT)
+
+    reporter = EpochReporter(evaluator, model, work, name, logger, epochs=cfg.epochs,
+                             eval_every=cfg.eval_every, rows=[{"epoch": 0, **before}], checkpoint=checkpoint)
 
     seed_everything(cfg.random_seed)
-    start = time.perf_counter()
-    model = purify(model, clean, cfg, lambda epoch, stats: reporter(epoch, stats))  # returns None, by design
-    wall = time.perf_counter() - start
+    model = purify(model, clean, cfg, DefenseReport(reporter))  # the report returns None, by design
+    wall = reporter.elapsed()
     after = evaluator(model)  # always the returned model, whatever the defense reported on the way
 
-    save_tensors(out_dir / "model.safetensors", model.state_dict())
-    write_json(out_dir / "record.json", {"format_version": FORMAT_VERSION, "kind": "defense", "defense": name,
-                                         "model": cfg.model, "attack_record": cfg.result_file,
-                                         "dataset": meta["dataset"]})
+    save_tensors(work / "model.safetensors", model.state_dict())
     train_seconds = sum(r.get("train_seconds", 0.0) for r in reporter.rows)
     train_images = sum(r.get("train_seconds", 0.0) * r.get("train_images_per_s", 0.0) for r in reporter.rows)
     summary = {
@@ -169,8 +204,11 @@ def _defend(name, purify, cfg, out_dir, record_dir, meta, model, dataset, bd_tes
         "train_seconds": train_seconds, "train_images_per_s": train_images / max(train_seconds, 1e-9),
         "eval_images_per_s": reporter.eval_images / max(reporter.eval_seconds, 1e-9), "device": str(device),
     }
-    write_json(out_dir / "summary.json", summary)  # last: marks the output finished
+    write_json(work / "summary.json", summary)
+    write_manifest(work, {"kind": "defense", "defense": name, "model": cfg.model, "attack_record": cfg.result_file,
+                          "attack_record_sha256": record.sha256, "dataset": record.meta["dataset"]},
+                   DEFENSE_FILES)  # last: marks the output finished
+    (work / CHECKPOINT).unlink(missing_ok=True)
     logger.info("done: clean_acc=%.4f asr=%.4f ra=%.4f der=%.4f  (attacked: %.4f / %.4f) in %.1fs",
                 summary["clean_acc"], summary["asr"], summary["ra"], summary["der"], before["clean_acc"],
                 before["asr"], wall)
-    return out_dir

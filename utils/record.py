@@ -1,21 +1,24 @@
 """Records on disk: data only (safetensors, JSON, YAML, CSV, PNG), written atomically.
 
 Layout of an attack record ``record/<name>/`` (format version ``FORMAT_VERSION``):
-    record.json          format version, kind, attack, model, dataset name + content fingerprint,
-                         label rule, target, fingerprints of the poisoned sets
     config.yaml          the full resolved configuration (no machine-local paths)
     model.safetensors    the attacked model's weights
-    indices.safetensors  train_poison_index, test_backdoor_index
+    indices.safetensors  train_poison_index, test_backdoor_index (and train_subset_index with --train_subset)
     trigger.safetensors  the trigger artifacts (e.g. patch and mask) the attack's trigger function reads
     metrics.csv          one row per epoch
-    summary.json         final clean_acc / asr / ra (fractions) and timings; written last
-    attack.log, *.png    log and plots
-A defense writes ``record/<name>/defense/<defense>/`` with record.json, config.yaml, model.safetensors,
+    summary.json         final clean_acc / asr / ra (fractions) and timings
+    record.json          format version, kind, attack, model, dataset name + content fingerprint, label
+                         rule, target, fingerprints of the poisoned sets, and ``files``: the SHA-256 of
+                         every file above. Written last: its presence marks the record finished.
+    attack.log, *.png    log and plots (for people; not hashed)
+A defense writes ``record/<name>/defense/<defense>/`` with config.yaml, model.safetensors,
 reserved_index.safetensors, metrics.csv, summary.json (adds der and the attacked model's figures),
+record.json (adds ``attack_record_sha256``, the hash of the attack's record.json it read),
 defense.log and plots.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -137,6 +140,55 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
         raise UserError(f"weights in {source} do not fit model {type(model).__name__}: {'; '.join(parts)}; "
                         f"pass the --model the weights were trained with")
     model.load_state_dict(state)
+
+
+def read_yaml(path: Path) -> Any:
+    """A record's YAML file, read with the safe loader: a Python tag is an error, never executed."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"missing file {path}; the record is incomplete (rerun the step that writes it)")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is not plain YAML ({first}); the record is damaged or was edited") from None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path, meta: dict, files: list[str]) -> dict:
+    """Write ``record.json``: ``meta``, the format version and the SHA-256 of each listed file. Written
+    last, it marks the record finished."""
+    meta = {**meta, "format_version": FORMAT_VERSION,
+            "files": {name: sha256_file(Path(folder) / name) for name in files}}
+    write_json(Path(folder) / "record.json", meta)
+    return meta
+
+
+def read_manifest(folder: Path, kind: str, verify: bool = True) -> dict:
+    """``record.json`` of a finished record, its format and kind checked and, with ``verify``, every
+    listed file present with the SHA-256 it was written with."""
+    path = Path(folder) / "record.json"
+    meta = read_json(path)
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} is not a record manifest; the record is damaged")
+    check_format(meta, path, kind)
+    if verify:
+        for name, digest in meta.get("files", {}).items():
+            file = Path(folder) / name
+            if not file.is_file():
+                raise UserError(f"{file} is missing; the record is incomplete (it was deleted or not copied): "
+                                f"copy it back or rerun the step that wrote {folder}")
+            if sha256_file(file) != digest:
+                raise UserError(f"{file} does not match the SHA-256 in {path}: the record is damaged or was "
+                                f"edited; rerun the step that wrote it")
+    return meta
 
 
 def check_format(meta: dict, path: Path, kind: str) -> None:

@@ -3,6 +3,12 @@
 ``fit`` is deliberately small: a loss function ``(model, x, y) -> (loss, logs)`` says what is
 optimised, ``after_step`` runs after every optimiser step (D3's projection), and ``on_epoch_end``
 receives the epoch's training statistics (the runner's reporting hook; its return value is ignored).
+
+Resuming is part of the loop, so every attack and defense gets it without code of its own: when
+``on_epoch_end`` is an :class:`EpochHook`, ``fit`` asks it to restore the state of this training
+stage (named by ``desc``; a script may run several stages) before the first epoch, and to save it
+after every epoch: model, optimizer, scheduler, any ``extra_state`` objects, the epoch and the RNG
+state, so a resumed run continues with exactly the numbers an uninterrupted one would have.
 """
 from __future__ import annotations
 
@@ -11,9 +17,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from utils.errors import UserError
+from utils.progress import progress
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -52,19 +58,54 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg, epochs: int):
                     f"StepLR or none")
 
 
+class EpochHook:
+    """An ``on_epoch_end`` hook that can also checkpoint: ``fit`` calls ``restore`` once before training
+    and ``save`` after each epoch's ``__call__``. The base class keeps nothing."""
+
+    def __call__(self, epoch: int, stats: dict) -> None:
+        pass
+
+    def restore(self, stage: str, objects: dict) -> int:
+        """Load the saved state of ``stage`` into ``objects``; return the first epoch still to run."""
+        return 0
+
+    def save(self, stage: str, epoch: int, objects: dict) -> None:
+        pass
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def fit(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler, loss_fn: LossFn, *,
         epochs: int, start_epoch: int = 0, amp: bool = False, train_mode: bool = True,
         after_step: Callable[[], None] | None = None,
-        on_epoch_end: Callable[[int, dict], None] | None = None, desc: str = "train") -> None:
+        on_epoch_end: Callable[[int, dict], None] | None = None, desc: str = "train",
+        extra_state: dict | None = None) -> None:
+    """Train for ``epochs`` epochs; ``extra_state`` names further objects with ``state_dict`` /
+    ``load_state_dict`` that a checkpoint must hold (a trigger generator, a second optimizer)."""
     device = next(model.parameters()).device
-    for epoch in tqdm(range(start_epoch, epochs), desc=desc, initial=start_epoch, total=epochs, unit="epoch"):
+    objects = {"model": model, "optimizer": optimizer, "scheduler": scheduler, **(extra_state or {})}
+    checkpointing = isinstance(on_epoch_end, EpochHook)
+    if checkpointing:
+        start_epoch = max(start_epoch, on_epoch_end.restore(desc, objects))
+    for epoch in progress(range(start_epoch, epochs), desc=desc, initial=start_epoch, total=epochs, unit="epoch"):
         loader.set_epoch(epoch)
         model.train(train_mode)
         lr = optimizer.param_groups[0]["lr"]
         sums: dict[str, torch.Tensor] = {}
         seen = 0
         start = time.perf_counter()
-        for x, y in tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, unit="batch"):
+        for x, y in progress(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, unit="batch"):
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
                 loss, logs = loss_fn(model, x, y)
             optimizer.zero_grad(set_to_none=True)
@@ -84,3 +125,5 @@ def fit(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer, schedu
         scheduler.step()
         if on_epoch_end is not None:
             on_epoch_end(epoch, stats)
+        if checkpointing:
+            on_epoch_end.save(desc, epoch, objects)
