@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Scaled-down BadNets -> FT / D3 benchmark on the CPU (about 30 minutes on 2 cores).
-# Usage: bash sh/bench_cpu.sh [DATASET_PATH]   (default: ../shared/data/cifar10-jpeg.zip)
+# Scaled-down attacks -> FT / D3 benchmark on the CPU (about 25 minutes per attack on 2 cores).
+# Usage: bash sh/bench_cpu.sh [DATASET_PATH] [--attacks a,b] [--defenses x,y] [--preset cpu_small] [--clean]
+#        (default dataset: ../shared/data/cifar10-jpeg.zip; default: every attack and defense)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${1:-../shared/data/cifar10-jpeg.zip}"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The paper's protocol for the BadNets row of Table 1 on one GPU, then the data-pipeline comparison.
-# Usage: bash sh/bench_gpu.sh [DATASET_PATH] [extra attack flags, e.g. --batch_size 512]
+# The paper's protocol (Table 1 rows) on one GPU, after the data-pipeline comparison.
+# Usage: bash sh/bench_gpu.sh [DATASET_PATH] [--attacks a,b] [--defenses x,y] [--clean]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${1:-../shared/data/cifar10-jpeg.zip}"

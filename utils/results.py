@@ -92,10 +92,10 @@ def format_runs(rows: list[Result]) -> str:
     if not rows:
         return "no records found"
     name_w = max(len("record"), *(len(r.record) for r in rows))
-    lines = [f"{'record':<{name_w}}  {'attack':<9}{'defense':<9}{'model':<20}{'ACC':>7}{'ASR':>7}{'RA':>7}"
+    lines = [f"{'record':<{name_w}}  {'attack':<12}{'defense':<9}{'model':<20}{'ACC':>7}{'ASR':>7}{'RA':>7}"
              f"{'DER':>7}{'wall s':>9}  note"]
     for r in rows:
-        lines.append(f"{r.record:<{name_w}}  {r.attack:<9}{r.defense:<9}{r.model:<20}{_cell(r.percent('clean_acc'), 7)}"
+        lines.append(f"{r.record:<{name_w}}  {r.attack:<12}{r.defense:<9}{r.model:<20}{_cell(r.percent('clean_acc'), 7)}"
                      f"{_cell(r.percent('asr'), 7)}{_cell(r.percent('ra'), 7)}{_cell(r.percent('der'), 7)}"
                      f"{_cell(r.wall_seconds, 9, 0)}  {r.problem}")
     return "\n".join(lines)

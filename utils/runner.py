@@ -407,7 +407,8 @@ class EpochReporter(EpochHook):
         self._logger.info("epoch %d/%d  %s", epoch + 1, self._epochs,
                           "  ".join(f"{k}={v:.4g}" for k, v in shown.items()))
         write_csv(self.rows, self._out_dir / "metrics.csv")
-        plot_curves(self.rows, self._out_dir, self._prefix)
+        if "clean_acc" in row:  # plotting costs about a second: on evaluated epochs only (always the last)
+            plot_curves(self.rows, self._out_dir, self._prefix)
 
     def restore(self, stage: str, objects: dict) -> int:
         saved = self._checkpoint.state["stages"].get(stage) if self._checkpoint is not None else None
