@@ -102,3 +102,30 @@ def expect_error(capsys, main, argv, pattern: str) -> str:
     assert err.startswith("error: "), err
     assert pattern in err, err
     return err
+
+
+def rebuild_and_defend(record: Path, dataset_path: str, attack):
+    """The shared end of every attack's end-to-end test: the record rebuilds its backdoor test set
+    (fingerprint-checked) as ``attack.apply_trigger`` of the non-target test images, and D3 runs on
+    it. Returns the rebuilt set and the dataset."""
+    import json
+
+    import torch
+
+    import defense.d3 as d3
+    from utils.attack import rebuild_backdoor_test
+    from utils.data import load_dataset
+    from utils.record import load_tensors
+    meta = json.loads((record / "record.json").read_text())
+    dataset = load_dataset("cifar10", dataset_path, None)
+    bd = rebuild_backdoor_test(meta, record, dataset)
+    index = load_tensors(record / "indices.safetensors")["test_backdoor_index"]
+    assert torch.equal(bd.index, index)
+    trigger = load_tensors(record / "trigger.safetensors")
+    assert torch.equal(bd.images, attack.apply_trigger(dataset.test.images[bd.index], trigger))
+    assert (bd.target_labels == meta["attack_target"]).all() and (bd.true_labels != meta["attack_target"]).all()
+    d3.main(["--result_file", record.name, "--record_dir", str(record.parent), "--dataset_path", str(dataset_path),
+             "--epochs", "1", "--ratio", "0.5"])
+    summary = json.loads((record / "defense" / "d3" / "summary.json").read_text())
+    assert 0.0 <= summary["asr"] <= 1.0
+    return bd, dataset

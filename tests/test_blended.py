@@ -1,19 +1,15 @@
-import json
-
+"""Blended: the blend formula by hand, BackdoorBench's key pipeline, bad input, and a record end to end."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import defense.d3 as d3
 from attack.blended import Blended, main, noise_key
-from conftest import ROOT
-from utils.attack import rebuild_backdoor_test
+from conftest import ROOT, TINY, expect_error, rebuild_and_defend, run_args
 from utils.config import Config
-from utils.data import DATASETS, load_dataset
+from utils.data import DATASETS
 from utils.errors import UserError
 from utils.record import load_tensors, read_json
-from utils.runner import cli_main
 
 HELLO_KITTY = ROOT.parent / "shared" / "data" / "backdoorbench-resource" / "blended" / "hello_kitty.jpeg"
 CIFAR = DATASETS["cifar10"]
@@ -24,13 +20,6 @@ def cfg(**kw):
     return Config(**{**base, **kw})
 
 
-def _expect_error(capsys, main, argv, pattern):
-    with pytest.raises(SystemExit) as exc:
-        cli_main(main, argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]  # logs may precede it on stderr
-    assert err.startswith("error: "), err
-    assert pattern in err, err
 
 
 def test_blend_formula_by_hand():
@@ -106,8 +95,7 @@ def test_hello_kitty_matches_backdoorbench():
 
 def test_end_to_end_then_d3_and_rebuild(tiny_data, tmp_path):
     data = str(tiny_data["pickles"])
-    main(["--save_folder_name", "x", "--dataset_path", data, "--record_dir", str(tmp_path),
-          "--model", "preactresnet18_w8", "--epochs", "1", "--batch_size", "64"])
+    main(["--save_folder_name", "x", *run_args(tiny_data, tmp_path), *TINY, "--epochs", "1"])
     rec = tmp_path / "x"
     assert (rec / "summary.json").is_file()
     meta = read_json(rec / "record.json")
@@ -117,22 +105,14 @@ def test_end_to_end_then_d3_and_rebuild(tiny_data, tmp_path):
     idx = load_tensors(rec / "indices.safetensors")
     assert len(idx["train_poison_index"]) == 20 and len(idx["test_backdoor_index"]) == 90
 
-    dataset = load_dataset("cifar10", data, None)
-    bd = rebuild_backdoor_test(meta, rec, dataset)  # checks the record's fingerprint
-    assert torch.equal(bd.index, idx["test_backdoor_index"])
-    assert torch.equal(bd.images, Blended.apply_trigger(dataset.test.images[bd.index], trig))
-    assert (bd.target_labels == 0).all() and (bd.true_labels != 0).all()
-
-    d3.main(["--result_file", "x", "--record_dir", str(tmp_path), "--dataset_path", data, "--epochs", "1",
-             "--ratio", "0.5"])
-    assert json.loads((rec / "defense" / "d3" / "summary.json").read_text())["attack_asr"] is not None
+    bd, dataset = rebuild_and_defend(rec, data, Blended)
 
 
 def test_bad_input_writes_nothing(capsys, tiny_data, tmp_path):
     base = ["--save_folder_name", "bad", "--dataset_path", str(tiny_data["pickles"]), "--record_dir", str(tmp_path),
             "--model", "preactresnet18_w8", "--epochs", "1"]
-    _expect_error(capsys, main, [*base, "--attack_trigger_img_path", str(tmp_path / "none.png")],
+    expect_error(capsys, main, [*base, "--attack_trigger_img_path", str(tmp_path / "none.png")],
                   "cannot read --attack_trigger_img_path")
-    _expect_error(capsys, main, [*base, "--attack_train_blended_alpha", "0"],
+    expect_error(capsys, main, [*base, "--attack_train_blended_alpha", "0"],
                   "--attack_train_blended_alpha 0.0 is outside")
     assert not (tmp_path / "bad").exists()

@@ -9,16 +9,13 @@ import torch
 import yaml
 
 import attack.lf as lf
-import defense.d3 as d3
 from attack.lf import LowFrequency, band_mask, low_pass, main
-from conftest import ROOT
+from conftest import ROOT, TINY, expect_error, rebuild_and_defend, run_args
 from models import create_model
-from utils.attack import rebuild_backdoor_test
 from utils.config import Config
 from utils.data import DATASETS, Normalizer, load_dataset
 from utils.errors import UserError
 from utils.record import load_tensors, read_json, save_tensors
-from utils.runner import cli_main
 
 BB_DIR = ROOT.parent / "shared" / "data" / "backdoorbench-resource" / "lowFrequency"
 BB_FILE = BB_DIR / "cifar10_preactresnet18_0_255.npy"
@@ -48,13 +45,6 @@ def out_of_band_fraction(pattern_chw: torch.Tensor, cutoff: float) -> float:
     return float(energy[:, ~mask].sum() / energy.sum())
 
 
-def _expect_error(capsys, main, argv, pattern):
-    with pytest.raises(SystemExit) as exc:
-        cli_main(main, argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]  # logs may precede it on stderr
-    assert err.startswith("error: "), err
-    assert pattern in err, err
 
 
 # ----------------------------------------------------------------------------- the trigger
@@ -120,7 +110,7 @@ def test_pickled_npy_is_refused_without_running_it(tmp_path, capsys, tiny_data):
     assert not marker.exists()
     with pytest.raises(UserError, match="refused trigger file .*pickled Python objects"):
         LowFrequency.make_trigger(cfg(lowFrequencyPatternPath=str(tmp_path / "evil.npy")), CIFAR)
-    _expect_error(capsys, main, ["--save_folder_name", "bad", "--dataset_path", str(tiny_data["pickles"]),
+    expect_error(capsys, main, ["--save_folder_name", "bad", "--dataset_path", str(tiny_data["pickles"]),
                                  "--record_dir", str(tmp_path), "--lowFrequencyPatternPath", str(tmp_path / "evil.npy")],
                   "pickled Python objects")
     assert not marker.exists() and not (tmp_path / "bad").exists()
@@ -149,18 +139,18 @@ def test_bad_npy_exits_2_and_writes_nothing(capsys, tiny_data, tmp_path, name, c
         path.write_bytes(path.read_bytes()[:200])
     argv = ["--save_folder_name", "bad", "--dataset_path", str(tiny_data["pickles"]), "--record_dir",
             str(tmp_path / "rec"), "--model", "preactresnet18_w8", "--epochs", "1", "--lowFrequencyPatternPath", str(path)]
-    _expect_error(capsys, main, argv, pattern)
+    expect_error(capsys, main, argv, pattern)
     assert not (tmp_path / "rec" / "bad").exists()
 
 
 def test_bad_generator_flags_exit_2(capsys, tiny_data, tmp_path):
     base = ["--save_folder_name", "bad", "--dataset_path", str(tiny_data["pickles"]), "--record_dir", str(tmp_path),
             "--model", "preactresnet18_w8", "--epochs", "1", "--cache_dir", str(tmp_path / "cache")]
-    _expect_error(capsys, main, [*base, "--lf_cutoff", "0"], "--lf_cutoff 0.0 is outside (0, 1]")
-    _expect_error(capsys, main, [*base, "--lf_uap_passes", "0"], "--lf_uap_passes 0 must be at least 1")
-    _expect_error(capsys, main, [*base, "--lf_clean_model_path", str(tmp_path / "none.safetensors")],
+    expect_error(capsys, main, [*base, "--lf_cutoff", "0"], "--lf_cutoff 0.0 is outside (0, 1]")
+    expect_error(capsys, main, [*base, "--lf_uap_passes", "0"], "--lf_uap_passes 0 must be at least 1")
+    expect_error(capsys, main, [*base, "--lf_clean_model_path", str(tmp_path / "none.safetensors")],
                   "--lf_clean_model_path")
-    _expect_error(capsys, main, [*base, "--lowFrequencyPatternPath", str(tmp_path)], "looked for")
+    expect_error(capsys, main, [*base, "--lowFrequencyPatternPath", str(tmp_path)], "looked for")
     assert not (tmp_path / "bad").exists() and not (tmp_path / "cache" / "lowFrequency").exists()
 
 
@@ -297,8 +287,7 @@ def test_published_file_loads_and_adds_as_backdoorbench():
 def test_end_to_end_then_d3_and_rebuild(tiny_data, tmp_path):
     np.save(tmp_path / "blob.npy", blob())
     data = str(tiny_data["pickles"])
-    main(["--save_folder_name", "x", "--dataset_path", data, "--record_dir", str(tmp_path),
-          "--model", "preactresnet18_w8", "--epochs", "1", "--batch_size", "64",
+    main(["--save_folder_name", "x", *run_args(tiny_data, tmp_path), *TINY, "--epochs", "1",
           "--lowFrequencyPatternPath", str(tmp_path / "blob.npy")])
     rec = tmp_path / "x"
     assert (rec / "summary.json").is_file()
@@ -309,14 +298,6 @@ def test_end_to_end_then_d3_and_rebuild(tiny_data, tmp_path):
     idx = load_tensors(rec / "indices.safetensors")
     assert len(idx["train_poison_index"]) == 20 and len(idx["test_backdoor_index"]) == 90
 
-    dataset = load_dataset("cifar10", data, None)
-    bd = rebuild_backdoor_test(meta, rec, dataset)  # checks the record's fingerprint
-    assert torch.equal(bd.index, idx["test_backdoor_index"])
-    assert torch.equal(bd.images, LowFrequency.apply_trigger(dataset.test.images[bd.index], trig))
+    bd, dataset = rebuild_and_defend(rec, data, LowFrequency)
     by_hand = np.clip(dataset.test.images[bd.index].numpy().astype(np.float64) + blob().transpose(2, 0, 1), 0, 255)
     assert np.array_equal(bd.images.numpy(), by_hand.astype(np.uint8))
-    assert (bd.target_labels == 0).all() and (bd.true_labels != 0).all()
-
-    d3.main(["--result_file", "x", "--record_dir", str(tmp_path), "--dataset_path", data, "--epochs", "1",
-             "--ratio", "0.5"])
-    assert (rec / "defense" / "d3" / "summary.json").is_file()

@@ -1,6 +1,7 @@
 """No result lost, every record verified, one clear line for each bad input, a first run that explains
 itself: interruptions and resume, reruns over finished results, damaged records, unwritable folders,
 the offline first run, the time estimate, the training subset and the results table."""
+import importlib
 import io
 import json
 import logging
@@ -108,15 +109,17 @@ def test_defense_resume_is_bit_identical(capsys, monkeypatch, tiny_data, tiny_re
     pd.testing.assert_frame_equal(pd.read_csv(a / "metrics.csv")[cols], pd.read_csv(b / "metrics.csv")[cols])
 
 
-def test_attack_resume_is_bit_identical(capsys, monkeypatch, tiny_data, tmp_path):
+@pytest.mark.parametrize("script", ["badnet", "wanet"])  # a data-poisoning and a training-controlled attack
+def test_attack_resume_is_bit_identical(capsys, monkeypatch, tiny_data, tmp_path, script):
+    main = importlib.import_module(f"attack.{script}").main
     argv = [*run_args(tiny_data, tmp_path), *TINY]
-    badnet.main(["--save_folder_name", "straight", *argv])
+    main(["--save_folder_name", "straight", *argv])
     restore = interrupt_after_saves(monkeypatch, 1)
-    interrupted(capsys, badnet.main, ["--save_folder_name", "resumed", *argv])
+    interrupted(capsys, main, ["--save_folder_name", "resumed", *argv])
     restore()
-    expect_error(capsys, badnet.main, ["--save_folder_name", "resumed", *argv, "--lr", "0.5", "--resume"],
+    expect_error(capsys, main, ["--save_folder_name", "resumed", *argv, "--lr", "0.5", "--resume"],
                  "settings changed (lr)")
-    badnet.main(["--save_folder_name", "resumed", *argv, "--resume"])
+    main(["--save_folder_name", "resumed", *argv, "--resume"])
     assert same_weights(tmp_path / "straight" / "model.safetensors", tmp_path / "resumed" / "model.safetensors")
     import pandas as pd
     a, b = (pd.read_csv(tmp_path / n / "metrics.csv") for n in ("straight", "resumed"))

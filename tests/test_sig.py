@@ -1,17 +1,14 @@
-import json
-
+"""SIG: the sinusoid by hand, the clean-label target-class draw and its pratio limit, and a record end to end."""
 import numpy as np
 import pytest
 import torch
 
-import defense.d3 as d3
 from attack.sig import SIG, main
-from utils.attack import rebuild_backdoor_test
+from conftest import TINY, expect_error, rebuild_and_defend, run_args
 from utils.config import Config
-from utils.data import DATASETS, load_dataset, tensor_fingerprint
+from utils.data import DATASETS, tensor_fingerprint
 from utils.errors import UserError
 from utils.record import load_tensors, read_json
-from utils.runner import cli_main
 
 CIFAR = DATASETS["cifar10"]
 DEFAULT = Config(sig_delta=40.0, sig_f=6.0, attack_label_trans="all2one", attack_target=0, pratio=0.1, random_seed=0)
@@ -21,13 +18,6 @@ def cfg(**kw):
     return Config(**{**vars(DEFAULT), **kw})
 
 
-def _expect_error(capsys, main, argv, pattern):
-    with pytest.raises(SystemExit) as exc:
-        cli_main(main, argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]  # logs may precede it on stderr
-    assert err.startswith("error: "), err
-    assert pattern in err, err
 
 
 def triggered_row(value: int) -> list[int]:
@@ -89,8 +79,7 @@ def test_poison_index_is_target_class_only_with_pratio_of_the_whole_set():
 
 def test_end_to_end_clean_label_then_d3_and_rebuild(tiny_data, tmp_path):
     data = str(tiny_data["pickles"])
-    main(["--save_folder_name", "x", "--dataset_path", data, "--record_dir", str(tmp_path),
-          "--model", "preactresnet18_w8", "--epochs", "1", "--batch_size", "64"])
+    main(["--save_folder_name", "x", *run_args(tiny_data, tmp_path), *TINY, "--epochs", "1"])
     rec = tmp_path / "x"
     assert (rec / "summary.json").is_file()
     meta = read_json(rec / "record.json")
@@ -107,24 +96,17 @@ def test_end_to_end_clean_label_then_d3_and_rebuild(tiny_data, tmp_path):
     assert meta["poisoned_train_fingerprint"] == tensor_fingerprint(images, train_y)
     assert meta["poisoned_train_fingerprint"] != tensor_fingerprint(images, torch.zeros_like(train_y))
 
-    dataset = load_dataset("cifar10", data, None)
-    bd = rebuild_backdoor_test(meta, rec, dataset)  # checks the record's fingerprint
-    assert torch.equal(bd.index, idx["test_backdoor_index"]) and len(bd) == 90  # the non-target test images
-    assert torch.equal(bd.images, SIG.apply_trigger(dataset.test.images[bd.index], trig))
-    assert (bd.target_labels == 0).all() and (bd.true_labels != 0).all()
-
-    d3.main(["--result_file", "x", "--record_dir", str(tmp_path), "--dataset_path", data, "--epochs", "1",
-             "--ratio", "0.5"])
-    assert json.loads((rec / "defense" / "d3" / "summary.json").read_text())["attack_asr"] is not None
+    bd, dataset = rebuild_and_defend(rec, data, SIG)
+    assert len(bd) == 90  # the non-target test images
 
 
 def test_bad_input_writes_nothing(capsys, tiny_data, tmp_path):
     base = ["--save_folder_name", "bad", "--dataset_path", str(tiny_data["pickles"]), "--record_dir", str(tmp_path),
             "--model", "preactresnet18_w8", "--epochs", "1"]
-    _expect_error(capsys, main, [*base, "--pratio", "0.2"], "the largest possible --pratio is 0.1")
-    _expect_error(capsys, main, [*base, "--attack_label_trans", "all2all"],
+    expect_error(capsys, main, [*base, "--pratio", "0.2"], "the largest possible --pratio is 0.1")
+    expect_error(capsys, main, [*base, "--attack_label_trans", "all2all"],
                   "supports only --attack_label_trans all2one")
-    _expect_error(capsys, main, [*base, "--sig_f", "0"], "--sig_f 0.0 must be positive")
+    expect_error(capsys, main, [*base, "--sig_f", "0"], "--sig_f 0.0 must be positive")
     assert not (tmp_path / "bad").exists()
 
 

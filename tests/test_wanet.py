@@ -1,7 +1,6 @@
 """WaNet: the warp against grid_sample worked out by hand, the field against its formula, the per-batch
 poisoning counts and labels, WaNet's batch augmentation against torchvision, reproducibility, and an
 end-to-end run whose record rebuilds the backdoor test set."""
-import json
 import math
 
 import numpy as np
@@ -9,15 +8,12 @@ import pytest
 import torch
 import yaml
 
-import defense.d3 as d3
 from attack.wanet import (WaNet, apply_augment, augment_batch, batch_counts, crop, draw_augment_params,
                           identity_grid, main, noise_grids, poison_batch, warp, warp_grid)
-from conftest import ROOT
-from utils.attack import rebuild_backdoor_test
+from conftest import ROOT, TINY, expect_error, rebuild_and_defend, run_args
 from utils.config import Config
-from utils.data import DATASETS, BatchLoader, ImageSet, Normalizer, load_dataset
+from utils.data import DATASETS, BatchLoader, ImageSet, Normalizer
 from utils.record import load_tensors, read_json
-from utils.runner import cli_main
 from utils.train import build_scheduler
 
 CIFAR = DATASETS["cifar10"]
@@ -35,13 +31,6 @@ def images(n=8, seed=0):
     return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
-def _expect_error(capsys, main, argv, pattern):
-    with pytest.raises(SystemExit) as exc:
-        cli_main(main, argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]  # logs may precede it on stderr
-    assert err.startswith("error: "), err
-    assert pattern in err, err
 
 
 # ----------------------------------------------------------------------------- the warp
@@ -293,17 +282,16 @@ def test_defaults_are_backdoorbenchs():
 def test_bad_input_writes_nothing(capsys, tiny_data, tmp_path):
     base = ["--save_folder_name", "bad", "--dataset_path", str(tiny_data["pickles"]), "--record_dir", str(tmp_path),
             "--model", "preactresnet18_w8", "--epochs", "1"]
-    _expect_error(capsys, main, [*base, "--k", "0"], "--k 0 must be at least 1")
-    _expect_error(capsys, main, [*base, "--pratio", "0.5"], "pratio * (1 + cross_ratio) must be at most 1")
-    _expect_error(capsys, main, [*base, "--random_crop", "-1"], "--random_crop -1")
-    _expect_error(capsys, main, [*base, "--grid_rescale", "0"], "--grid_rescale 0.0")
+    expect_error(capsys, main, [*base, "--k", "0"], "--k 0 must be at least 1")
+    expect_error(capsys, main, [*base, "--pratio", "0.5"], "pratio * (1 + cross_ratio) must be at most 1")
+    expect_error(capsys, main, [*base, "--random_crop", "-1"], "--random_crop -1")
+    expect_error(capsys, main, [*base, "--grid_rescale", "0"], "--grid_rescale 0.0")
     assert not (tmp_path / "bad").exists()
 
 
 def test_end_to_end_then_d3_and_rebuild(tiny_data, tmp_path):
     data = str(tiny_data["pickles"])
-    main(["--save_folder_name", "x", "--dataset_path", data, "--record_dir", str(tmp_path),
-          "--model", "preactresnet18_w8", "--epochs", "1", "--batch_size", "64"])
+    main(["--save_folder_name", "x", *run_args(tiny_data, tmp_path), *TINY, "--epochs", "1"])
     rec = tmp_path / "x"
     assert (rec / "summary.json").is_file()
     meta = read_json(rec / "record.json")
@@ -318,15 +306,7 @@ def test_end_to_end_then_d3_and_rebuild(tiny_data, tmp_path):
     assert len(idx["train_poison_index"]) == 0  # poisoning happens per batch, never on fixed samples
     assert len(idx["test_backdoor_index"]) == 90  # every non-target test image
 
-    dataset = load_dataset("cifar10", data, None)
-    bd = rebuild_backdoor_test(meta, rec, dataset)  # checks the record's fingerprint
-    assert torch.equal(bd.index, idx["test_backdoor_index"])
-    assert torch.equal(bd.images, WaNet.apply_trigger(dataset.test.images[bd.index], trig))
-    assert (bd.target_labels == 0).all() and (bd.true_labels != 0).all()
-
-    d3.main(["--result_file", "x", "--record_dir", str(tmp_path), "--dataset_path", data, "--epochs", "1",
-             "--ratio", "0.5"])
-    assert json.loads((rec / "defense" / "d3" / "summary.json").read_text())["attack_asr"] is not None
+    bd, dataset = rebuild_and_defend(rec, data, WaNet)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
