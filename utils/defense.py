@@ -9,7 +9,9 @@ The threat model is the signature ``purify(model, clean, cfg, report) -> model``
     * ``cfg``    the defense's resolved configuration;
     * ``report`` an ``on_epoch_end`` hook for :func:`utils.train.fit`. It evaluates ACC/ASR/RA for
                  the log and the CSV and returns ``None``: nothing a defense can base a
-                 hyper-parameter, threshold or stopping point on.
+                 hyper-parameter, threshold or stopping point on. Passed to ``fit``, it also
+                 checkpoints every epoch, so every defense resumes (``--resume``) without code of
+                 its own; a defense with several training stages names each by ``fit``'s ``desc``.
 """
 from __future__ import annotations
 

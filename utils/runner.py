@@ -388,6 +388,8 @@ class EpochReporter(EpochHook):
         self.eval_images = 0
         self._started = time.perf_counter()
         self._elapsed_before = checkpoint.state.get("elapsed", 0.0) if checkpoint is not None else 0.0
+        if checkpoint is not None and _ACTIVE:
+            _ACTIVE[-1].epochs_done = checkpoint.epochs_done()  # a resumed run starts with these
 
     def elapsed(self) -> float:
         """Wall seconds of this run so far, including the parts before any resume."""
