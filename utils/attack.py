@@ -297,8 +297,9 @@ class AttackRecord:
 def load_attack_record(record_dir: Path) -> AttackRecord:
     """The attack record at ``record_dir``, with one clear line for each way it can be unusable."""
     if not is_finished(record_dir):
-        raise UserError(f"no finished attack record at {record_dir}: {describe_unfinished(record_dir)}; create one "
-                        f"with python attack/badnet.py --save_folder_name {record_dir.name}")
+        advice = ("rerun the attack that wrote it with --overwrite" if record_dir.is_dir() else
+                  f"create one with, e.g., python attack/badnet.py --save_folder_name {record_dir.name}")
+        raise UserError(f"no finished attack record at {record_dir}: {describe_unfinished(record_dir)}; {advice}")
     meta = read_manifest(record_dir, "attack")
     config = read_yaml(record_dir / "config.yaml")
     if not isinstance(config, dict):
