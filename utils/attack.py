@@ -190,7 +190,6 @@ def run_attack(attack: type[Attack], argv=None) -> Path:
     else:
         artifacts = load_tensors(work / "trigger.safetensors")
         poison_index = checkpoint.extra["poison_index"]
-        checkpoint.path = work / CHECKPOINT
     with writing_output(f"the attack {attack.name} -> {out_dir}", work, out_dir):
         if checkpoint is None:
             save_tensors(work / "trigger.safetensors", artifacts)
