@@ -39,3 +39,17 @@ def test_str2bool():
     assert str2bool("True") and str2bool("1") and not str2bool("off")
     with pytest.raises(Exception):
         str2bool("maybe")
+
+
+def test_bd_yaml_path_replaces_the_attack_defaults(tmp_path):
+    """BackdoorBench's --bd_yaml_path: the attack's defaults file, between the prototype and --yaml_path."""
+    from attack.badnet import BadNet
+    from utils.attack import _base_files
+    from utils.config import CONFIG_DIR
+    (tmp_path / "bd.yaml").write_text("pratio: 0.05\n")
+    files = _base_files(BadNet)
+    assert files({})[1] == CONFIG_DIR / "attack" / "badnet" / "default.yaml"
+    assert files({"bd_yaml_path": str(tmp_path / "bd.yaml")})[1] == tmp_path / "bd.yaml"
+    missing = files({"bd_yaml_path": str(tmp_path / "none.yaml")})[1]
+    with pytest.raises(UserError, match="none.yaml not found"):
+        resolve_config(_parser(), [missing], [])

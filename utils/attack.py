@@ -44,7 +44,8 @@ from utils.runner import (CHECKPOINT, LOGGER_NAME, Checkpoint, EpochReporter, an
 from utils.train import build_optimizer, build_scheduler, cross_entropy_loss, fit
 
 # Machine-local settings: logged, but kept out of records so that a record is portable.
-LOCAL_KEYS = ("dataset_path", "cache_dir", "record_dir", "yaml_path", "index", "overwrite", "resume")
+LOCAL_KEYS = ("dataset_path", "cache_dir", "record_dir", "yaml_path", "bd_yaml_path", "index", "overwrite",
+              "resume")
 # Settings that may change when a run is resumed without changing its result.
 RESUMABLE_KEYS = LOCAL_KEYS + ("device", "num_workers", "eval_batch_size", "eval_every", "amp")
 
@@ -120,8 +121,10 @@ def _base_files(attack: type[Attack]):
         if not proto.is_file():
             get_spec(dataset)  # names the known datasets when this one is unknown
             raise UserError(f"no prototype config {proto} for dataset {dataset!r}")
-        default = CONFIG_DIR / "attack" / attack.name / "default.yaml"
-        return [proto] + ([default] if default.is_file() else [])
+        # BackdoorBench's --bd_yaml_path names the attack's own defaults file in place of ours.
+        default = Path(args["bd_yaml_path"]) if "bd_yaml_path" in args else \
+            CONFIG_DIR / "attack" / attack.name / "default.yaml"
+        return [proto] + ([default] if default.is_file() or "bd_yaml_path" in args else [])
     return files
 
 
@@ -158,6 +161,8 @@ def run_attack(attack: type[Attack], argv=None) -> Path:
     g.add_argument("--pratio", type=float, help="fraction of training samples poisoned, in (0, 1]")
     g.add_argument("--attack_target", type=int, help="target class (all2one)")
     g.add_argument("--attack_label_trans", type=str, help="all2one | all2all")
+    g.add_argument("--bd_yaml_path", type=str, help="the attack's defaults file, in place of "
+                   "config/attack/<name>/default.yaml (BackdoorBench's flag)")
     g.add_argument("--train_subset", type=int, help="train on N training images only (class-balanced, drawn "
                    "with the seed; for smoke runs; recorded, and the defenses use the same subset)")
     g.add_argument("--resume", type=str2bool, nargs="?", const=True,
