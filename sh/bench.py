@@ -14,8 +14,9 @@ BackdoorBench's 100 attack epochs, FT and D3 with 100 epochs, batch 256, lr 0.01
 and prints the paper's figures beside ours. ``--clean`` first trains BackdoorBench's prototype (the
 same model and schedule, nothing poisoned), the clean accuracy an attack's is compared with.
 Blended uses BackdoorBench's hello_kitty.jpeg and LF its cifar10_preactresnet18 pattern, from
-``--resource_dir``. Records go to ``--record_dir``/bench_<preset>_<attack>; a rerun replaces them.
-This prints figures; it is not a test.
+``--resource_dir``. Records go to ``--record_dir``/bench_<preset>_<attack>; a rerun replaces them,
+unless ``--skip_done`` keeps every finished attack record and defense output (so more defenses can be
+added to the same records later, or an interrupted bench continues). This prints figures; it is not a test.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from utils.results import NO_DEFENSE, collect, format_paper_table  # noqa: E402
+from utils.runner import is_finished  # noqa: E402
 
 PRESETS = {
     # Narrow model and short schedules so that one attack row fits in ~25 minutes on 2 CPU cores.
@@ -87,6 +89,8 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--record_dir", default="record")
     p.add_argument("--random_seed", default="0")
+    p.add_argument("--skip_done", action="store_true",
+                   help="keep finished attack records and defense outputs instead of rerunning them")
     a = p.parse_args()
     attacks = names(a.attacks, ATTACKS, "attack")
     defenses = names(a.defenses, DEFENSES, "defense")
@@ -101,9 +105,15 @@ def main() -> None:
     prefix = f"bench_{a.preset}_"
     for attack in (["prototype"] if a.clean else []) + attacks:
         name = prefix + attack
-        run([py, f"attack/{attack}.py", "--save_folder_name", name, "--model", preset["model"], *preset["attack"],
-             *attack_flags(attack, resource), *common])
+        if a.skip_done and is_finished(records / name):
+            print(f"# {name}: finished record kept (--skip_done)", flush=True)
+        else:
+            run([py, f"attack/{attack}.py", "--save_folder_name", name, "--model", preset["model"], *preset["attack"],
+                 *attack_flags(attack, resource), *common])
         for defense in ([] if attack == "prototype" else defenses):
+            if a.skip_done and is_finished(records / name / "defense" / defense):
+                print(f"# {name}/defense/{defense}: finished output kept (--skip_done)", flush=True)
+                continue
             run([py, f"defense/{defense}.py", "--result_file", name, *preset["defense"], *common])
 
     rows = [r for r in collect(records) if r.record.startswith(prefix)
