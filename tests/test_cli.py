@@ -105,7 +105,7 @@ def test_defense_end_to_end(defended, name):
     (["--attack_target", "10"], "--attack_target 10 is not a class"),
     (["--attack_label_trans", "all2some"], "choose all2one or all2all"),
     (["--dataset", "mnist"], "unknown dataset 'mnist'"),
-    (["--train_subset", "0"], "--train_subset 0 must be between 1 and the 200"),
+    (["--train_subset", "0"], "--train_subset asks for 0 images; choose between 1 and the 200"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
 ])
 def test_attack_bad_input(capsys, tiny_data, tmp_path, extra, pattern):
@@ -173,7 +173,7 @@ def test_defense_sees_only_reserved_clean_data(tiny_data, tiny_record, tmp_path)
     run_defense("spy", spy, None, ["--result_file", "badnet", *run_args(tiny_data, tmp_path), "--epochs", "1",
                                    "--batch_size", "8", "--random_seed", "0", "--ratio", "0.25"])
     assert seen["n"] == 50 and seen["report"] is None
-    assert set(seen["public"]) == {"restore", "save"}  # checkpointing through fit; no metric to read
+    assert set(seen["public"]) == {"start", "restore", "save"}  # checkpointing through fit; no metric to read
     train = torch.from_numpy(tiny_data["x_train"])
     index = load_tensors(tmp_path / "badnet" / "defense" / "spy" / "reserved_index.safetensors")["reserved_index"]
     assert torch.equal(seen["images"], train[index])  # clean training images, never poisoned or test ones

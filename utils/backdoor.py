@@ -38,19 +38,22 @@ def random_subset(num_samples: int, count: int, seed: int, stream: str) -> torch
     return torch.randperm(num_samples, generator=gen)[:count].sort().values
 
 
-def balanced_subset(labels: torch.Tensor, count: int, seed: int, num_classes: int) -> torch.Tensor:
+def balanced_subset(labels: torch.Tensor, count: int, seed: int, num_classes: int, *,
+                    stream: str = "train_subset", flag: str = "--train_subset") -> torch.Tensor:
     """``count`` indices drawn with the seed, as evenly over the classes as they allow (the first
-    ``count mod K`` classes get one more), sorted. For smoke runs on a fraction of a dataset."""
+    ``count mod K`` classes get one more), sorted: a smoke run's fraction of a dataset, or a
+    defender's class-balanced reserve. ``stream`` keeps the draws of different uses independent;
+    ``flag`` names the setting an error message points at."""
     labels = labels.cpu()
     if not 1 <= count <= len(labels):
-        raise UserError(f"--train_subset {count} must be between 1 and the {len(labels)} training images")
+        raise UserError(f"{flag} asks for {count} images; choose between 1 and the {len(labels)} training images")
     per_class = [torch.nonzero(labels == k).flatten() for k in range(num_classes)]
     quota = [count // num_classes + (1 if k < count % num_classes else 0) for k in range(num_classes)]
     short = [k for k in range(num_classes) if quota[k] > len(per_class[k])]
     if short:
-        raise UserError(f"--train_subset {count} needs {quota[short[0]]} images of class {short[0]}, which has "
-                        f"{len(per_class[short[0]])}; choose a smaller subset")
-    chosen = [idx[random_subset(len(idx), q, seed, f"train_subset:{k}")] for k, (idx, q) in enumerate(zip(per_class, quota))]
+        raise UserError(f"{flag} needs {quota[short[0]]} images of class {short[0]}, which has "
+                        f"{len(per_class[short[0]])}; choose a smaller value")
+    chosen = [idx[random_subset(len(idx), q, seed, f"{stream}:{k}")] for k, (idx, q) in enumerate(zip(per_class, quota))]
     return torch.cat(chosen).sort().values
 
 

@@ -26,7 +26,7 @@ from utils.attack import (RESUMABLE_KEYS, AttackRecord, load_attack_record, load
                           rebuild_backdoor_test)
 from utils.config import (CONFIG_DIR, Config, add_common_arguments, check_range, check_training, new_parser,
                           require, resolve_config, resolve_device, seed_everything, str2bool)
-from utils.backdoor import random_subset
+from utils.backdoor import balanced_subset, random_subset
 from utils.data import BatchLoader, DatasetSpec, ImageSet, Normalizer, load_dataset
 from utils.errors import UserError
 from utils.evaluate import Evaluator
@@ -65,8 +65,11 @@ class CleanData:
 Purify = Callable[[torch.nn.Module, CleanData, Config, Callable[[int, dict], None]], torch.nn.Module]
 
 
-def reserved_indices(num_train: int, cfg: Config) -> torch.Tensor:
-    """The defender's clean subset: ``--index`` (a file of indices, one per line) or ``--ratio``."""
+def reserved_indices(labels: torch.Tensor, cfg: Config, num_classes: int, per_class: bool = False) -> torch.Tensor:
+    """The defender's clean subset: ``--index`` (a file of indices, one per line) or ``--ratio`` of
+    the training set, drawn uniformly or, ``per_class``, in equal numbers from every class
+    (BackdoorBench's ``choose_by_class``: ratio * N / K images per class)."""
+    num_train = len(labels)
     index_file = cfg.index
     if index_file:
         try:
@@ -80,7 +83,10 @@ def reserved_indices(num_train: int, cfg: Config) -> torch.Tensor:
             raise UserError(f"--index file {index_file} must list distinct indices in 0..{num_train - 1}")
         return index
     check_range("ratio", cfg.ratio, 0.0, 1.0)
-    return random_subset(num_train, max(1, round(cfg.ratio * num_train)), cfg.random_seed, "reserved")
+    count = max(1, round(cfg.ratio * num_train))
+    if per_class:
+        return balanced_subset(labels, count, cfg.random_seed, num_classes, stream="reserved", flag="--ratio")
+    return random_subset(num_train, count, cfg.random_seed, "reserved")
 
 
 CPU_HINT = ("the README's quick start defends a narrow model in a few minutes: --epochs 20 --eval_every 5 "
@@ -99,6 +105,9 @@ class DefenseReport(EpochHook):
     def __call__(self, epoch: int, stats: dict) -> None:
         self._reporter(epoch, stats)
 
+    def start(self, stage: str, epochs: int, model: torch.nn.Module) -> None:
+        self._reporter.start(stage, epochs, model)
+
     def restore(self, stage: str, objects: dict) -> int:
         return self._reporter.restore(stage, objects)
 
@@ -107,7 +116,9 @@ class DefenseReport(EpochHook):
 
 
 def run_defense(name: str, purify: Purify, add_arguments: Callable | None = None, argv=None,
-                description: str | None = None) -> Path:
+                description: str | None = None, reserve_per_class: bool = False) -> Path:
+    """Resolve the config, load the record, hand ``purify`` the attacked model and the defender's
+    reserved data (drawn per class when ``reserve_per_class``), write the defense output."""
     parser = new_parser(description or f"{name} defense")
     add_common_arguments(parser)
     g = parser.add_argument_group("defense")
@@ -157,7 +168,7 @@ def run_defense(name: str, purify: Purify, add_arguments: Callable | None = None
     model = create_model(cfg.model, dataset.spec.num_classes)
     load_into(model, load_tensors(record.dir / "model.safetensors"), str(record.dir / "model.safetensors"))
     bd_test = rebuild_backdoor_test(meta, record.dir, dataset)
-    reserved = reserved_indices(len(dataset.train), cfg)
+    reserved = reserved_indices(dataset.train.labels, cfg, dataset.spec.num_classes, reserve_per_class)
     with writing_output(f"the defense {name} on {record.dir}", work, out_dir):
         _defend(name, purify, cfg, work, record, model, dataset, bd_test, reserved, device, checkpoint)
     return out_dir

@@ -374,14 +374,19 @@ class Checkpoint:
 class EpochReporter(EpochHook):
     """The ``on_epoch_end`` hook of a run: evaluates (for reporting only), logs a line, rewrites the
     per-epoch CSV and plots, and checkpoints (through :class:`utils.train.EpochHook`, which ``fit``
-    drives). Returns nothing, so a defense handed this hook learns nothing from it."""
+    drives). Returns nothing, so a defense handed this hook learns nothing from it.
+
+    A run may train in several stages (NAD's teacher, then its student): each row names its stage,
+    the epoch column counts on across stages, and each stage evaluates the model it trains and
+    always its own last epoch."""
 
     def __init__(self, evaluate: Callable[[torch.nn.Module], dict], model: torch.nn.Module, out_dir: Path,
                  prefix: str, logger: logging.Logger, *, epochs: int, eval_every: int = 1,
                  rows: list[dict] | None = None, checkpoint: Checkpoint | None = None):
-        self._evaluate, self._model, self._out_dir, self._prefix = evaluate, model, out_dir, prefix
-        self._logger, self._epochs, self._eval_every = logger, epochs, max(1, eval_every)
+        self._evaluate, self._out_dir, self._prefix = evaluate, out_dir, prefix
+        self._logger, self._eval_every = logger, max(1, eval_every)
         self._checkpoint = checkpoint
+        self._stage, self._stage_epochs, self._trained, self._offset = None, epochs, model, 0
         resumed = checkpoint.rows if checkpoint is not None and checkpoint.rows else None
         self.rows: list[dict] = list(resumed or rows or [])
         self.eval_seconds = 0.0
@@ -395,18 +400,23 @@ class EpochReporter(EpochHook):
         """Wall seconds of this run so far, including the parts before any resume."""
         return self._elapsed_before + time.perf_counter() - self._started
 
+    def start(self, stage: str, epochs: int, model: torch.nn.Module) -> None:
+        self._stage, self._stage_epochs, self._trained = stage, epochs, model
+        self._offset = max((r["epoch"] for r in self.rows if r.get("stage") not in (None, stage)), default=0)
+
     def __call__(self, epoch: int, stats: dict) -> None:
-        row = {"epoch": epoch + 1, **stats}
-        if (epoch + 1) % self._eval_every == 0 or epoch + 1 == self._epochs:
+        row = {"epoch": self._offset + epoch + 1, **({"stage": self._stage} if self._stage else {}), **stats}
+        if (epoch + 1) % self._eval_every == 0 or epoch + 1 == self._stage_epochs:
             start = time.perf_counter()
-            row.update(self._evaluate(self._model))
+            row.update(self._evaluate(self._trained))
             seconds = time.perf_counter() - start
             self.eval_seconds += seconds
             self.eval_images += getattr(self._evaluate, "num_images", 0)
             row["eval_seconds"] = seconds
         self.rows.append(row)
         shown = {k: v for k, v in row.items() if k not in ("epoch",) and isinstance(v, float)}
-        self._logger.info("epoch %d/%d  %s", epoch + 1, self._epochs,
+        self._logger.info("%sepoch %d/%d  %s", f"{self._stage}: " if self._stage else "", epoch + 1,
+                          self._stage_epochs,
                           "  ".join(f"{k}={v:.4g}" for k, v in shown.items()))
         write_csv(self.rows, self._out_dir / "metrics.csv")
         if "clean_acc" in row:  # plotting costs about a second: on evaluated epochs only (always the last)

@@ -1,8 +1,11 @@
 """One training loop for attacks and defenses, plus optimizer and scheduler builders.
 
 ``fit`` is deliberately small: a loss function ``(model, x, y) -> (loss, logs)`` says what is
-optimised, ``after_step`` runs after every optimiser step (D3's projection), and ``on_epoch_end``
-receives the epoch's training statistics (the runner's reporting hook; its return value is ignored).
+optimised, ``after_step`` runs after every optimiser step (D3's projection), ``on_epoch_start`` before
+every epoch (i-BAU's perturbation of the round), and ``on_epoch_end`` receives the epoch's training
+statistics (the runner's reporting hook; its return value is ignored). Each step goes through
+``optimizer.step(closure)``, PyTorch's protocol for optimisers that re-evaluate the loss, so a
+two-pass optimiser (:class:`utils.sam.SAM`) needs nothing else from the loop.
 
 Resuming is part of the loop, so every attack and defense gets it without code of its own: when
 ``on_epoch_end`` is an :class:`EpochHook`, ``fit`` asks it to restore the state of this training
@@ -13,6 +16,7 @@ state, so a resumed run continues with exactly the numbers an uninterrupted one 
 from __future__ import annotations
 
 import time
+from copy import deepcopy
 from typing import Callable
 
 import torch
@@ -42,10 +46,12 @@ def build_optimizer(params, cfg) -> torch.optim.Optimizer:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg, epochs: int):
-    """Per-epoch schedulers with BackdoorBench's names."""
+    """Schedulers with BackdoorBench's names. The cosine's period is ``epochs`` unless the config sets
+    ``cos_t_max`` (BackdoorBench's key; its builder fixes T_max at 100 whatever the run's length)."""
     name = str(cfg.lr_scheduler).lower()
     if name in ("cosineannealinglr", "cosine"):
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+        t_max = getattr(cfg, "cos_t_max", None) or epochs
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t_max)
     if name == "multisteplr":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.steplr_milestones),
                                                     gamma=cfg.steplr_gamma)
@@ -59,11 +65,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg, epochs: int):
 
 
 class EpochHook:
-    """An ``on_epoch_end`` hook that can also checkpoint: ``fit`` calls ``restore`` once before training
-    and ``save`` after each epoch's ``__call__``. The base class keeps nothing."""
+    """An ``on_epoch_end`` hook that can also checkpoint: ``fit`` calls ``start`` and ``restore`` once
+    before training and ``save`` after each epoch's ``__call__``. The base class keeps nothing."""
 
     def __call__(self, epoch: int, stats: dict) -> None:
         pass
+
+    def start(self, stage: str, epochs: int, model: torch.nn.Module) -> None:
+        """A training stage begins: its name, its number of epochs and the model it trains."""
 
     def restore(self, stage: str, objects: dict) -> int:
         """Load the saved state of ``stage`` into ``objects``; return the first epoch still to run."""
@@ -86,33 +95,52 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` in eval mode with no trainable parameters: a fixed reference (SAU's attacked
+    model, NAD's teacher once it is trained)."""
+    copy = deepcopy(model).eval()
+    copy.requires_grad_(False)
+    return copy
+
+
 def fit(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler, loss_fn: LossFn, *,
         epochs: int, start_epoch: int = 0, amp: bool = False, train_mode: bool = True,
-        after_step: Callable[[], None] | None = None,
+        after_step: Callable[[], None] | None = None, on_epoch_start: Callable[[int], None] | None = None,
         on_epoch_end: Callable[[int, dict], None] | None = None, desc: str = "train",
-        extra_state: dict | None = None) -> None:
+        extra_state: dict | None = None, scheduler_per_batch: bool = False) -> None:
     """Train for ``epochs`` epochs; ``extra_state`` names further objects with ``state_dict`` /
-    ``load_state_dict`` that a checkpoint must hold (a trigger generator, a second optimizer)."""
+    ``load_state_dict`` that a checkpoint must hold (a trigger generator, a second optimizer).
+    ``scheduler_per_batch`` steps the scheduler after every batch instead of every epoch."""
     device = next(model.parameters()).device
     objects = {"model": model, "optimizer": optimizer, "scheduler": scheduler, **(extra_state or {})}
     checkpointing = isinstance(on_epoch_end, EpochHook)
     if checkpointing:
+        on_epoch_end.start(desc, epochs, model)
         start_epoch = max(start_epoch, on_epoch_end.restore(desc, objects))
     for epoch in progress(range(start_epoch, epochs), desc=desc, initial=start_epoch, total=epochs, unit="epoch"):
         loader.set_epoch(epoch)
         model.train(train_mode)
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
+            model.train(train_mode)
         lr = optimizer.param_groups[0]["lr"]
         sums: dict[str, torch.Tensor] = {}
         seen = 0
         start = time.perf_counter()
         for x, y in progress(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, unit="batch"):
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-                loss, logs = loss_fn(model, x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            def closure():
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                                    enabled=amp and device.type == "cuda"):
+                    loss, logs = loss_fn(model, x, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                return loss, logs
+
+            loss, logs = optimizer.step(closure)
             if after_step is not None:
                 after_step()
+            if scheduler_per_batch:
+                scheduler.step()
             n = y.shape[0]
             seen += n
             for k, v in logs.items():  # summed on the device: no host sync per step
@@ -122,7 +150,8 @@ def fit(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer, schedu
         seconds = time.perf_counter() - start
         stats = {k: (v / max(seen, 1)).item() for k, v in sums.items()}
         stats.update(lr=lr, train_seconds=seconds, train_images_per_s=seen / max(seconds, 1e-9))
-        scheduler.step()
+        if not scheduler_per_batch:
+            scheduler.step()
         if on_epoch_end is not None:
             on_epoch_end(epoch, stats)
         if checkpointing:
