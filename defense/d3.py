@@ -114,9 +114,16 @@ def d3_objective(logits, labels, weights, init_weights, lmd: float, eps: float, 
     return objective, clean, distance
 
 
-def purify(model, clean, cfg, report):
+def check_settings(cfg, model) -> None:
     if cfg.lmd < 0 or cfg.eps < 0:
         raise UserError("--lmd and --eps must be non-negative")
+    if cfg.warm_up_method not in WARM_UP_METHODS + ("random",):
+        raise UserError(f"--warm_up_method {cfg.warm_up_method!r}; choose one of: {', '.join(WARM_UP_METHODS)}")
+    select_layers(model, cfg.select_layer_name)
+
+
+def purify(model, clean, cfg, report):
+    check_settings(cfg, model)
     layers = select_layers(model, cfg.select_layer_name)
     weights = [m.weight for _, m in layers]
     init_weights = [w.detach().clone() for w in weights]
@@ -139,7 +146,8 @@ def purify(model, clean, cfg, report):
 
 
 def main(argv: list[str] | None = None):
-    return run_defense("d3", purify, add_arguments, argv, description=__doc__.splitlines()[0])
+    return run_defense("d3", purify, add_arguments, argv, description=__doc__.splitlines()[0],
+                       validate=check_settings)
 
 
 if __name__ == "__main__":

@@ -88,7 +88,12 @@ def test_interrupted_attack_overwrite_keeps_the_finished_record(capsys, monkeypa
     assert (rec / "record.json").read_bytes() == manifest and (staging_dir(rec) / "checkpoint.pt").is_file()
 
 
-@pytest.mark.parametrize("module,extra", [(d3, []), (ft, [])])
+@pytest.mark.parametrize("module,extra", [
+    (d3, []), (ft, []),
+    (importlib.import_module("defense.ft-sam"), []),  # a two-pass optimiser with a per-batch schedule
+    (importlib.import_module("defense.nad"), ["--te_epochs", "2"]),  # interrupted in its second stage
+    (importlib.import_module("defense.i-bau"), []),  # each round's perturbation is made again on resume
+])
 def test_defense_resume_is_bit_identical(capsys, monkeypatch, tiny_data, tiny_record, tmp_path, module, extra):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     for root in (straight, resumed):

@@ -62,6 +62,7 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steplr_milestones", type=int, nargs="+", help="MultiStepLR milestones (epochs)")
     g.add_argument("--steplr_stepsize", type=int, help="StepLR step size (epochs)")
     g.add_argument("--steplr_gamma", type=float, help="StepLR / MultiStepLR decay factor")
+    g.add_argument("--cos_t_max", type=int, help="CosineAnnealingLR period in scheduler steps (default: the epochs)")
     g.add_argument("--client_optimizer", type=str, help="sgd | adam | adamw")
     g.add_argument("--sgd_momentum", type=float)
     g.add_argument("--wd", type=float, help="weight decay")
@@ -83,7 +84,7 @@ COMMON_DEFAULTS = {
     "dataset_path": "./data", "cache_dir": None, "record_dir": "record", "device": "auto", "amp": True,
     "num_workers": 4, "eval_every": 1, "eval_batch_size": 512, "random_crop_padding": 0, "random_hflip": False,
     "overwrite": False, "resume": False, "index": None, "train_subset": None,
-    "steplr_milestones": [], "steplr_stepsize": 30, "steplr_gamma": 0.1,
+    "steplr_milestones": [], "steplr_stepsize": 30, "steplr_gamma": 0.1, "cos_t_max": None,
 }
 
 

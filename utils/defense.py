@@ -116,9 +116,12 @@ class DefenseReport(EpochHook):
 
 
 def run_defense(name: str, purify: Purify, add_arguments: Callable | None = None, argv=None,
-                description: str | None = None, reserve_per_class: bool = False) -> Path:
+                description: str | None = None, reserve_per_class: bool = False,
+                validate: Callable[[Config, torch.nn.Module], None] | None = None) -> Path:
     """Resolve the config, load the record, hand ``purify`` the attacked model and the defender's
-    reserved data (drawn per class when ``reserve_per_class``), write the defense output."""
+    reserved data (drawn per class when ``reserve_per_class``), write the defense output.
+    ``validate(cfg, model)`` checks the defense's own settings before anything is written: it
+    raises :class:`UserError` with one line on bad input."""
     parser = new_parser(description or f"{name} defense")
     add_common_arguments(parser)
     g = parser.add_argument_group("defense")
@@ -167,6 +170,8 @@ def run_defense(name: str, purify: Purify, add_arguments: Callable | None = None
     dataset = load_train_set(record, dataset)
     model = create_model(cfg.model, dataset.spec.num_classes)
     load_into(model, load_tensors(record.dir / "model.safetensors"), str(record.dir / "model.safetensors"))
+    if validate is not None:
+        validate(cfg, model)
     bd_test = rebuild_backdoor_test(meta, record.dir, dataset)
     reserved = reserved_indices(dataset.train.labels, cfg, dataset.spec.num_classes, reserve_per_class)
     with writing_output(f"the defense {name} on {record.dir}", work, out_dir):
