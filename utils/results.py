@@ -103,7 +103,9 @@ def format_runs(rows: list[Result]) -> str:
 
 def format_paper_table(rows: list[Result], defenses: list[str]) -> str:
     """The layout of the D3 paper's Table 1: attacks as rows; no defense and each defense as column
-    groups (ACC / ASR, plus DER for defenses); then the wall time of each stage."""
+    groups (ACC / ASR, plus DER for defenses); then the wall time of each stage and, when FT is
+    among the defenses, each defense's wall time relative to FT's on the same record (the paper's
+    Figure 3 question: what does each method cost?)."""
     by_record: dict[str, dict[str, Result]] = {}
     for r in rows:
         by_record.setdefault(r.record, {})[r.defense] = r
@@ -113,15 +115,22 @@ def format_paper_table(rows: list[Result], defenses: list[str]) -> str:
     head2 = f"{'':<16}" + "".join("   ACC    ASR" + ("" if s == NO_DEFENSE else "    DER") + " " for s in stages)
     lines = [head1, head2]
     walls = [f"{'attack':<16}" + "".join(f"{('attack' if s == NO_DEFENSE else s):>10}" for s in stages)]
+    relative = [f"{'attack':<16}" + "".join(f"{s:>10}" for s in defenses)]
     for record, runs in by_record.items():
         label = runs.get(NO_DEFENSE, next(iter(runs.values()))).attack
-        cells, wall = f"{label:<16}", f"{label:<16}"
+        cells, wall, cost = f"{label:<16}", f"{label:<16}", f"{label:<16}"
+        ft = runs["ft"].wall_seconds if "ft" in runs else None
         for s in stages:
             r = runs.get(s, Result(record, label, s, problem="not run"))
             cells += _cell(r.percent("clean_acc"), 7) + _cell(r.percent("asr"), 7)
             cells += (_cell(r.percent("der"), 7) if s != NO_DEFENSE else "") + " "
             wall += _cell(r.wall_seconds, 10, 0)
+            if s != NO_DEFENSE:
+                cost += _cell(r.wall_seconds / ft if ft and r.wall_seconds else None, 10)
         lines.append(cells)
         walls.append(wall)
+        relative.append(cost)
     notes = [f"  {r.record}/{r.defense}: {r.problem}" for r in rows if r.problem]
-    return "\n".join(lines + ["", "wall time per stage (s):"] + walls + (["", "problems:"] + notes if notes else []))
+    cost_block = ["", "wall time relative to FT:"] + relative if "ft" in defenses else []
+    return "\n".join(lines + ["", "wall time per stage (s):"] + walls + cost_block
+                     + (["", "problems:"] + notes if notes else []))
