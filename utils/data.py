@@ -330,22 +330,27 @@ class BatchLoader:
     The order and augmentation of epoch ``e`` depend only on ``(seed, e)``, so a resumed run
     sees exactly the batches an uninterrupted one would. ``batch_hook`` (training-controlled
     attacks) replaces the default crop/flip: it gets each raw batch and the same generator.
+    ``num_batches`` switches to sampling with replacement: that many batches per epoch, each
+    drawn uniformly from all images (PyTorch's ``RandomSampler(replacement=True)``; ANP).
     """
 
     def __init__(self, data: ImageSet, batch_size: int, normalizer: Normalizer, *, device, shuffle: bool = True,
                  crop_padding: int = 0, hflip: bool = False, drop_last: bool = False, seed: int = 0,
-                 channels_last: bool = True, batch_hook: BatchHook | None = None):
+                 channels_last: bool = True, batch_hook: BatchHook | None = None, num_batches: int | None = None):
         self.images = data.images.to(device)
         self.labels = data.labels.to(device)
         self.batch_size, self.normalizer, self.device = batch_size, normalizer, torch.device(device)
         self.shuffle, self.crop_padding, self.hflip, self.drop_last = shuffle, crop_padding, hflip, drop_last
         self.seed, self.channels_last, self.epoch = seed, channels_last, 0
         self.batch_hook = batch_hook
+        self.num_batches = num_batches
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
+        if self.num_batches is not None:
+            return self.num_batches
         n = len(self.labels)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
@@ -356,7 +361,10 @@ class BatchLoader:
         order = torch.randperm(n, device=self.device, generator=gen) if self.shuffle else \
             torch.arange(n, device=self.device)
         for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            if self.num_batches is not None:
+                idx = torch.randint(0, n, (self.batch_size,), device=self.device, generator=gen)
+            else:
+                idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             x, y = self.images[idx], self.labels[idx]
             if self.batch_hook is not None:
                 x, y = self.batch_hook(x, y, gen)

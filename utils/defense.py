@@ -33,7 +33,7 @@ from utils.evaluate import Evaluator
 from utils.metrics import der
 from utils.record import load_into, load_tensors, save_tensors, write_json, write_manifest, write_yaml
 from utils.runner import (CHECKPOINT, Checkpoint, EpochReporter, announce_plan, check_writable, log_config,
-                          log_to_file, place_model, plan_output, setup_logging,
+                          log_to_file, place_model, plan_output, save_plot, setup_logging,
                           writing_output)
 from utils.train import EpochHook
 
@@ -57,9 +57,33 @@ class CleanData:
     def normalizer(self) -> Normalizer:
         return Normalizer(self.spec.mean, self.spec.std, self.device)
 
-    def loader(self, batch_size: int, seed: int, *, augment: bool = True, shuffle: bool = True) -> BatchLoader:
+    held_out: int = 0  # how many images the last split held out, for the summary
+
+    def loader(self, batch_size: int, seed: int, *, augment: bool = True, shuffle: bool = True,
+               num_batches: int | None = None) -> BatchLoader:
+        """Batches with the attack's training augmentation (``augment``); ``num_batches`` draws that many
+        per epoch with replacement instead of one pass."""
         return BatchLoader(self.data, batch_size, self.normalizer, device=self.device, shuffle=shuffle,
-                           crop_padding=self.crop_padding if augment else 0, hflip=self.hflip and augment, seed=seed)
+                           crop_padding=self.crop_padding if augment else 0, hflip=self.hflip and augment, seed=seed,
+                           num_batches=num_batches)
+
+    def split(self, fraction: float, seed: int) -> tuple["CleanData", "CleanData"]:
+        """(training part, held-out part): ``fraction`` of the reserved images (at least one, and at
+        least one left to train on) held out for a defense's validation signal -- where to stop
+        pruning, which threshold -- so that no defense needs the test sets. The same for the same
+        seed; the two parts are disjoint."""
+        n = len(self.data)
+        if n < 2:
+            raise UserError(f"the defender holds {n} clean image(s); a held-out split needs at least 2 (raise --ratio)")
+        check_range("val_ratio", fraction, 0.0, 1.0)
+        count = min(n - 1, max(1, round(fraction * n)))
+        held = random_subset(n, count, seed, "held_out")
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[held] = False
+        self.held_out = count
+        part = {k: getattr(self, k) for k in ("spec", "device", "crop_padding", "hflip")}
+        return (CleanData(self.data.subset(torch.nonzero(keep).flatten()), **part),
+                CleanData(self.data.subset(held), **part))
 
 
 Purify = Callable[[torch.nn.Module, CleanData, Config, Callable[[int, dict], None]], torch.nn.Module]
@@ -97,22 +121,44 @@ DEFENSE_FILES = ["config.yaml", "reserved_index.safetensors", "model.safetensors
 
 class DefenseReport(EpochHook):
     """The ``report`` a defense receives: it logs and checkpoints each epoch through ``fit`` and
-    returns nothing, so no metric reaches the defense."""
+    returns nothing, so no metric reaches the defense. A defense also tells it what to keep beside
+    the model: log lines, tensors (mask values, reversed triggers), plots and summary entries."""
 
-    def __init__(self, reporter: EpochReporter):
-        self._reporter = reporter
+    def __init__(self, reporter: EpochReporter, work: Path, logger):
+        # Only the reporter's methods are kept, not the reporter: no attribute of the report leads
+        # to the evaluator and its test sets (tests walk the objects purify receives).
+        self._epoch_end, self._start = reporter.__call__, reporter.start
+        self._restore, self._save = reporter.restore, reporter.save
+        self._work, self._logger = work, logger
+        self._files: list[str] = []  # tensors written, hashed into record.json
+        self._notes: dict = {}  # entries for summary.json
 
     def __call__(self, epoch: int, stats: dict) -> None:
-        self._reporter(epoch, stats)
+        self._epoch_end(epoch, stats)
 
     def start(self, stage: str, epochs: int, model: torch.nn.Module) -> None:
-        self._reporter.start(stage, epochs, model)
+        self._start(stage, epochs, model)
 
     def restore(self, stage: str, objects: dict) -> int:
-        return self._reporter.restore(stage, objects)
+        return self._restore(stage, objects)
 
     def save(self, stage: str, epoch: int, objects: dict) -> None:
-        self._reporter.save(stage, epoch, objects)
+        self._save(stage, epoch, objects)
+
+    def log(self, message: str, *args) -> None:
+        self._logger.info(message, *args)
+
+    def note(self, **values) -> None:
+        """Entries for ``summary.json`` (numbers, strings, lists): what a defense decided."""
+        self._notes.update(values)
+
+    def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        save_tensors(self._work / name, {k: v.detach().cpu().clone() for k, v in tensors.items()})  # own memory each
+        if name not in self._files:
+            self._files.append(name)
+
+    def save_plot(self, name: str, x: list, series: dict[str, list], *, xlabel: str, ylabel: str) -> None:
+        save_plot(self._work / name, x, series, xlabel=xlabel, ylabel=ylabel)
 
 
 def run_defense(name: str, purify: Purify, add_arguments: Callable | None = None, argv=None,
@@ -144,7 +190,7 @@ def run_defense(name: str, purify: Purify, add_arguments: Callable | None = None
         return [inherited] + ([base] if base.is_file() else [])
 
     cfg = resolve_config(parser, layers, argv)
-    require(cfg, "ratio", "random_seed", "epochs")
+    require(cfg, "ratio", "random_seed")  # no "epochs": a defense may count its work otherwise (ANP: batches)
     check_training(cfg)
     if not cfg.index:
         check_range("ratio", cfg.ratio, 0.0, 1.0)
@@ -198,16 +244,18 @@ def _defend(name, purify, cfg, work: Path, record: AttackRecord, model, dataset,
     logger.info("attacked model: clean_acc=%.4f asr=%.4f ra=%.4f", before["clean_acc"], before["asr"], before["ra"])
     clean = CleanData(dataset.train.subset(reserved), spec, device,
                       crop_padding=cfg.random_crop_padding, hflip=cfg.random_hflip)
-    if not resumed and getattr(cfg, "batch_size", None):
-        announce_plan(logger, device, model, clean.loader(cfg.batch_size, cfg.random_seed), epochs=cfg.epochs,
-                      images_per_epoch=len(reserved), amp=cfg.amp, evaluations=-(-cfg.epochs // cfg.eval_every),
+    epochs = getattr(cfg, "epochs", None)
+    if not resumed and getattr(cfg, "batch_size", None) and epochs:
+        announce_plan(logger, device, model, clean.loader(cfg.batch_size, cfg.random_seed), epochs=epochs,
+                      images_per_epoch=len(reserved), amp=cfg.amp, evaluations=-(-epochs // cfg.eval_every),
                       eval_images=evaluator.num_images, cpu_hint=CPU_HINT)
 
-    reporter = EpochReporter(evaluator, model, work, name, logger, epochs=cfg.epochs,
+    reporter = EpochReporter(evaluator, model, work, name, logger, epochs=epochs or 1,
                              eval_every=cfg.eval_every, rows=[{"epoch": 0, **before}], checkpoint=checkpoint)
 
     seed_everything(cfg.random_seed)
-    model = purify(model, clean, cfg, DefenseReport(reporter))  # the report returns None, by design
+    report = DefenseReport(reporter, work, logger)
+    model = purify(model, clean, cfg, report)  # the report returns None, by design
     wall = reporter.elapsed()
     after = evaluator(model)  # always the returned model, whatever the defense reported on the way
 
@@ -218,14 +266,22 @@ def _defend(name, purify, cfg, work: Path, record: AttackRecord, model, dataset,
         "clean_acc": after["clean_acc"], "asr": after["asr"], "ra": after["ra"],
         "der": der(before["clean_acc"], before["asr"], after["clean_acc"], after["asr"]),
         "attack_clean_acc": before["clean_acc"], "attack_asr": before["asr"], "attack_ra": before["ra"],
-        "reserved_size": len(reserved), "epochs": cfg.epochs, "wall_seconds": wall,
+        "reserved_size": len(reserved), **({"held_out_size": clean.held_out,
+                                             "train_size": len(reserved) - clean.held_out} if clean.held_out else {}),
+        "epochs": epochs, "wall_seconds": wall,
         "train_seconds": train_seconds, "train_images_per_s": train_images / max(train_seconds, 1e-9),
         "eval_images_per_s": reporter.eval_images / max(reporter.eval_seconds, 1e-9), "device": str(device),
     }
+    clash = set(report._notes) & set(summary)
+    if clash:
+        raise ValueError(f"defense {name} notes {sorted(clash)}, which the runner writes itself")
+    summary.update(report._notes)
+    if clean.held_out:
+        logger.info("the defense held out %d of the %d reserved images for validation", clean.held_out, len(reserved))
     write_json(work / "summary.json", summary)
     write_manifest(work, {"kind": "defense", "defense": name, "model": cfg.model, "attack_record": cfg.result_file,
                           "attack_record_sha256": record.sha256, "dataset": record.meta["dataset"]},
-                   DEFENSE_FILES)  # last: marks the output finished
+                   DEFENSE_FILES + report._files)  # last: marks the output finished
     (work / CHECKPOINT).unlink(missing_ok=True)
     logger.info("done: clean_acc=%.4f asr=%.4f ra=%.4f der=%.4f  (attacked: %.4f / %.4f) in %.1fs",
                 summary["clean_acc"], summary["asr"], summary["ra"], summary["der"], before["clean_acc"],

@@ -329,6 +329,27 @@ def plot_curves(rows: list[dict], out_dir: Path, prefix: str) -> None:
         tmp.replace(out_dir / f"{prefix}_{name}.png")
 
 
+def save_plot(path: Path, x: list, series: dict[str, list], *, xlabel: str, ylabel: str) -> None:
+    """One PNG of several curves over the same x, written atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, ys in series.items():
+        ax.plot(x, ys, marker="o" if len(x) < 30 else None, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     import pandas as pd
     write_text(path, pd.DataFrame(rows).to_csv(index=False))

@@ -1,0 +1,140 @@
+"""FP: Fine-Pruning.
+
+Paper: Liu, Dolan-Gavitt, Garg, "Fine-Pruning: Defending Against Backdooring Attacks on Deep Neural
+Networks", RAID 2018. Backdoor neurons tend to lie dormant on clean inputs, so:
+    1. rank the channels of the last convolutional stage by their mean activation on clean data;
+    2. prune the most dormant ones, ``once_prune_ratio`` (1%) of all channels per step, for as long
+       as clean accuracy stays within ``acc_ratio`` (10%) relative drop of the unpruned model's;
+    3. fine-tune the pruned model (pruned channels held at zero) on the clean data.
+For PreAct-ResNet18 the channels are the 512 pooled layer4 features entering ``linear``, and pruning
+channel c zeroes column c of ``linear.weight``, as BackdoorBench does (``--prune_layer`` names the
+Linear layer for other models).
+
+Defaults: BackdoorBench's ``fp`` settings for CIFAR-10 (config/defense/fp/config.yaml): 1% per step,
+10% allowed drop, fine-tuning 100 epochs, batch 256, SGD lr 0.01 momentum 0.9 wd 5e-4, cosine, the
+attack's training augmentation, 5% reserved data.
+
+Where BackdoorBench differs, on purpose:
+    * the stopping rule reads **held-out clean data**: ``val_ratio`` (10%) of the reserved images
+      are held out (``clean.split``) and the rest rank the channels and fine-tune. BackdoorBench
+      stops on the **clean test set's** accuracy, a test-set leak;
+    * a step prunes exactly the channels it counts (BackdoorBench's ``seq_sort[0:num_pruned - 1]``
+      prunes one fewer) and the model kept is the last one within the allowed drop (BackdoorBench
+      keeps the mask of the step that broke the rule, since its "last" model is the same object);
+    * mean activations are taken in eval mode without augmentation (BackdoorBench runs the model in
+      training mode on augmented images, which also moves BatchNorm's running statistics).
+The accuracy-versus-pruned curve is saved as ``fp_pruning_curve.png`` and the ranking and pruned
+channels as ``fp_pruning.safetensors``; the summary says how many channels were pruned.
+
+    python defense/fp.py --result_file badnet_demo
+"""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from utils.config import check_range  # noqa: E402
+from utils.defense import run_defense  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+from utils.evaluate import predict  # noqa: E402
+from utils.runner import cli_main  # noqa: E402
+from utils.train import build_optimizer, build_scheduler, cross_entropy_loss, fit  # noqa: E402
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--val_ratio", type=float, help="share of the reserved data held out for the stopping rule")
+    parser.add_argument("--acc_ratio", type=float, help="largest allowed relative drop of held-out accuracy")
+    parser.add_argument("--once_prune_ratio", type=float, help="share of the channels pruned per step")
+    parser.add_argument("--prune_layer", type=str, help="the Linear layer whose input channels are pruned")
+
+
+def prune_layer(cfg, model) -> nn.Linear:
+    layer = dict(model.named_modules()).get(cfg.prune_layer)
+    if not isinstance(layer, nn.Linear):
+        raise UserError(f"--prune_layer {cfg.prune_layer!r} is not a Linear layer of {cfg.model}; name the "
+                        f"classifier that reads the last convolutional stage's pooled channels")
+    check_range("acc_ratio", cfg.acc_ratio, 0.0, 1.0, low_open=False)
+    check_range("once_prune_ratio", cfg.once_prune_ratio, 0.0, 1.0)
+    check_range("val_ratio", cfg.val_ratio, 0.0, 1.0)
+    return layer
+
+
+@torch.no_grad()
+def mean_channel_activation(model, layer: nn.Linear, loader) -> torch.Tensor:
+    """Mean over the images of each input channel of ``layer`` (eval mode)."""
+    total, count, captured = None, 0, []
+    handle = layer.register_forward_hook(lambda m, inputs, out: captured.append(inputs[0].float().sum(0)))
+    model.eval()
+    try:
+        for x, _ in loader:
+            captured.clear()
+            model(x)
+            total = captured[0] if total is None else total + captured[0]
+            count += x.shape[0]
+    finally:
+        handle.remove()
+    return total / count
+
+
+@torch.no_grad()
+def accuracy_on(model, clean) -> float:
+    logits = predict(model, clean.data.images, clean.normalizer, device=clean.device)
+    return (logits.argmax(1) == clean.data.labels.cpu()).float().mean().item()
+
+
+@torch.no_grad()
+def prune_channels(layer: nn.Linear, channels: torch.Tensor) -> None:
+    layer.weight[:, channels] = 0.0
+
+
+def purify(model, clean, cfg, report):
+    layer = prune_layer(cfg, model)
+    train, held_out = clean.split(cfg.val_ratio, cfg.random_seed)
+    ranking = torch.argsort(mean_channel_activation(model, layer, train.loader(cfg.batch_size, cfg.random_seed,
+                                                                                augment=False, shuffle=False)))
+    original = layer.weight.detach().clone()
+    step = math.ceil(len(ranking) * cfg.once_prune_ratio)
+    base_acc = accuracy_on(model, held_out)
+    curve, kept = [(0, base_acc)], 0
+    for count in range(step, len(ranking) + 1, step):
+        with torch.no_grad():
+            layer.weight.copy_(original)
+        prune_channels(layer, ranking[:count])
+        acc = accuracy_on(model, held_out)
+        curve.append((count, acc))
+        if (base_acc - acc) / max(base_acc, 1e-12) > cfg.acc_ratio:
+            break
+        kept = count
+    with torch.no_grad():
+        layer.weight.copy_(original)
+    pruned = ranking[:kept]
+    prune_channels(layer, pruned)
+    report.log("fp: pruned %d of %d channels entering %s (held-out accuracy %.4f -> %.4f on %d images)", kept,
+               len(ranking), cfg.prune_layer, base_acc, dict(curve)[kept], len(held_out))
+    report.note(pruned_channels=kept, channels=len(ranking), held_out_acc_before=base_acc,
+                held_out_acc_pruned=dict(curve)[kept])
+    report.save_tensors("fp_pruning.safetensors", {"ranking": ranking.cpu(), "pruned": pruned.cpu(),
+                                                   "curve": torch.tensor(curve, dtype=torch.float64)})
+    report.save_plot("fp_pruning_curve.png", [c for c, _ in curve], {"held-out clean accuracy": [a for _, a in curve]},
+                     xlabel="channels pruned", ylabel="accuracy")
+
+    optimizer = build_optimizer(model.parameters(), cfg)
+    fit(model, train.loader(cfg.batch_size, cfg.random_seed), optimizer, build_scheduler(optimizer, cfg, cfg.epochs),
+        cross_entropy_loss, epochs=cfg.epochs, amp=cfg.amp, after_step=lambda: prune_channels(layer, pruned),
+        on_epoch_end=report, desc="fp fine-tuning")
+    return model
+
+
+def main(argv: list[str] | None = None):
+    return run_defense("fp", purify, add_arguments, argv, description=__doc__.splitlines()[0],
+                       validate=prune_layer)
+
+
+if __name__ == "__main__":
+    cli_main(main)
