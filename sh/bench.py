@@ -50,21 +50,24 @@ LONG_SCHEDULE = 50  # the CPU presets shorten defense schedules this long or lon
 
 # Settings the CPU presets cut where a defense's length is not counted in epochs (published values in
 # config/defense/<name>/config.yaml; the table names every cut).
-CPU_CUTS = {"anp": {"nb_iter": 500, "print_every": 125}}  # a quarter of ANP's 2,000 mask batches
+CPU_CUTS = {"anp": {"nb_iter": 500, "print_every": 125},  # a quarter of ANP's 2,000 mask batches
+            "nc": {"nc_epoch": 20}}  # a quarter of NC's 80 reverse-engineering epochs
 
 
 def defense_flags(defense: str, preset: dict) -> list[str]:
     """Each defense runs its own default schedule, long ones shortened by the preset's factor
     (FT, FT-SAM, D3, FP: 100 epochs, SAU: 100 rounds -> 60 on the CPU; NAD's 10 + 10 epochs and
-    i-BAU's 5 rounds in full; ANP by :data:`CPU_CUTS`), evaluated ``evaluations`` times."""
+    i-BAU's 5 rounds in full; ANP's batches and NC's trigger epochs by :data:`CPU_CUTS`), evaluated
+    ``evaluations`` times."""
     config = read_yaml(ROOT / "config" / "defense" / defense / "config.yaml")
+    cuts = CPU_CUTS.get(defense, {}) if preset["defense_epochs"] < 1 else {}
+    flags = [f for k, v in cuts.items() for f in (f"--{k}", str(v))]
     if "epochs" not in config:
-        cuts = CPU_CUTS.get(defense, {}) if preset["defense_epochs"] < 1 else {}
-        return [f for k, v in cuts.items() for f in (f"--{k}", str(v))]
+        return flags
     epochs = int(config["epochs"])
     if epochs >= LONG_SCHEDULE:
         epochs = round(epochs * preset["defense_epochs"])
-    return ["--epochs", str(epochs), "--eval_every", str(max(1, epochs // preset["evaluations"]))]
+    return ["--epochs", str(epochs), "--eval_every", str(max(1, epochs // preset["evaluations"]))] + flags
 
 
 ATTACKS = ["badnet", "blended", "sig", "wanet", "lf"]

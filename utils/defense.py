@@ -34,7 +34,7 @@ from utils.metrics import der
 from utils.record import load_into, load_tensors, save_tensors, write_json, write_manifest, write_yaml
 from utils.runner import (CHECKPOINT, Checkpoint, EpochReporter, announce_plan, check_writable, log_config,
                           log_to_file, place_model, plan_output, save_plot, setup_logging,
-                          writing_output)
+                          write_csv, writing_output)
 from utils.train import EpochHook
 
 # Settings a defense takes from the attack record (below its own config and flags): the data and model.
@@ -157,6 +157,14 @@ class DefenseReport(EpochHook):
         if name not in self._files:
             self._files.append(name)
 
+    def save_image(self, name: str, image: torch.Tensor) -> None:
+        """A [C, H, W] image with values in [0, 1] as a PNG (a reversed trigger, for people)."""
+        from PIL import Image
+        array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        tmp = self._work / f".{name}.tmp.png"
+        Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(tmp)
+        tmp.replace(self._work / name)
+
     def save_plot(self, name: str, x: list, series: dict[str, list], *, xlabel: str, ylabel: str) -> None:
         save_plot(self._work / name, x, series, xlabel=xlabel, ylabel=ylabel)
 
@@ -257,6 +265,7 @@ def _defend(name, purify, cfg, work: Path, record: AttackRecord, model, dataset,
     report = DefenseReport(reporter, work, logger)
     model = purify(model, clean, cfg, report)  # the report returns None, by design
     wall = reporter.elapsed()
+    write_csv(reporter.rows, work / "metrics.csv")  # also when the defense trained nothing (NC, nothing flagged)
     after = evaluator(model)  # always the returned model, whatever the defense reported on the way
 
     save_tensors(work / "model.safetensors", model.state_dict())
