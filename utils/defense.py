@@ -5,13 +5,16 @@ The threat model is the signature ``purify(model, clean, cfg, report) -> model``
     * ``model``  the attacked model (weights loaded, on the device);
     * ``clean``  :class:`CleanData`, the defender's reserved clean training samples (``--ratio`` or
                  ``--index``) and how to batch them -- never the test sets, the poison indices or
-                 the trigger;
+                 the trigger; ``clean.split`` holds part of them out where a defense needs a
+                 validation signal;
     * ``cfg``    the defense's resolved configuration;
     * ``report`` an ``on_epoch_end`` hook for :func:`utils.train.fit`. It evaluates ACC/ASR/RA for
                  the log and the CSV and returns ``None``: nothing a defense can base a
                  hyper-parameter, threshold or stopping point on. Passed to ``fit``, it also
                  checkpoints every epoch, so every defense resumes (``--resume``) without code of
                  its own; a defense with several training stages names each by ``fit``'s ``desc``.
+                 It also keeps what a defense decided: ``log``, ``note`` (summary entries),
+                 ``save_tensors`` (hashed into record.json), ``save_image`` and ``save_plot``.
 """
 from __future__ import annotations
 
