@@ -174,7 +174,8 @@ def test_defense_sees_only_reserved_clean_data(tiny_data, tiny_record, tmp_path)
                                    "--batch_size", "8", "--random_seed", "0", "--ratio", "0.25"])
     assert seen["n"] == 50 and seen["report"] is None
     # checkpointing through fit, and ways to keep what the defense decided; no metric to read
-    assert set(seen["public"]) == {"start", "restore", "save", "log", "note", "save_tensors", "save_plot"}
+    assert set(seen["public"]) == {"start", "restore", "save", "log", "note", "save_tensors", "save_image",
+                                   "save_plot"}
     train = torch.from_numpy(tiny_data["x_train"])
     index = load_tensors(tmp_path / "badnet" / "defense" / "spy" / "reserved_index.safetensors")["reserved_index"]
     assert torch.equal(seen["images"], train[index])  # clean training images, never poisoned or test ones
