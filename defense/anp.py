@@ -44,7 +44,6 @@ from torch.nn.utils import parametrize  # noqa: E402
 from utils.config import check_range  # noqa: E402
 from utils.defense import run_defense  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.evaluate import predict  # noqa: E402
 from utils.runner import cli_main  # noqa: E402
 from utils.train import fit  # noqa: E402
 
@@ -157,12 +156,6 @@ def prune_neurons(model: nn.Module, neurons: list[tuple[float, str, int]]) -> No
         modules[name].weight[index] = 0.0
 
 
-@torch.no_grad()
-def held_out_accuracy(model, clean) -> float:
-    logits = predict(model, clean.data.images, clean.normalizer, device=clean.device)
-    return (logits.argmax(1) == clean.data.labels.cpu()).float().mean().item()
-
-
 def choose_threshold(model, ranking, thresholds, accuracy, acc_ratio: float):
     """The largest threshold whose pruning keeps ``accuracy(model)`` within ``acc_ratio`` relative
     drop; returns (threshold, neurons pruned at it, [(threshold, accuracy)])."""
@@ -206,12 +199,12 @@ def purify(model, clean, cfg, report):
         steps = int(round(cfg.pruning_max / cfg.pruning_step))
         thresholds = [round(i * cfg.pruning_step, 10) for i in range(steps + 1)]
         threshold, count, curve = choose_threshold(model, ranking, thresholds,
-                                                   lambda m: held_out_accuracy(m, held_out), cfg.acc_ratio)
+                                                   held_out.accuracy, cfg.acc_ratio)
         report.save_plot("anp_thresholds.png", [t for t, _ in curve], {"held-out clean accuracy": [a for _, a in curve]},
                          xlabel="mask threshold", ylabel="accuracy")
     prune_neurons(model, ranking[:count])
     report.log("anp: pruned %d of %d BatchNorm neurons (threshold %s; held-out accuracy %.4f on %d images)", count,
-               len(ranking), threshold, held_out_accuracy(model, held_out), len(held_out))
+               len(ranking), threshold, held_out.accuracy(model), len(held_out))
     report.note(pruned_neurons=count, neurons=len(ranking), threshold=threshold)
     return model
 

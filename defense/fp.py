@@ -42,7 +42,6 @@ import torch.nn as nn  # noqa: E402
 from utils.config import check_range  # noqa: E402
 from utils.defense import run_defense  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.evaluate import predict  # noqa: E402
 from utils.runner import cli_main  # noqa: E402
 from utils.train import build_optimizer, build_scheduler, cross_entropy_loss, fit  # noqa: E402
 
@@ -83,12 +82,6 @@ def mean_channel_activation(model, layer: nn.Linear, loader) -> torch.Tensor:
 
 
 @torch.no_grad()
-def accuracy_on(model, clean) -> float:
-    logits = predict(model, clean.data.images, clean.normalizer, device=clean.device)
-    return (logits.argmax(1) == clean.data.labels.cpu()).float().mean().item()
-
-
-@torch.no_grad()
 def prune_channels(layer: nn.Linear, channels: torch.Tensor) -> None:
     layer.weight[:, channels] = 0.0
 
@@ -100,13 +93,13 @@ def purify(model, clean, cfg, report):
                                                                                 augment=False, shuffle=False)))
     original = layer.weight.detach().clone()
     step = math.ceil(len(ranking) * cfg.once_prune_ratio)
-    base_acc = accuracy_on(model, held_out)
+    base_acc = held_out.accuracy(model)
     curve, kept = [(0, base_acc)], 0
     for count in range(step, len(ranking) + 1, step):
         with torch.no_grad():
             layer.weight.copy_(original)
         prune_channels(layer, ranking[:count])
-        acc = accuracy_on(model, held_out)
+        acc = held_out.accuracy(model)
         curve.append((count, acc))
         if (base_acc - acc) / max(base_acc, 1e-12) > cfg.acc_ratio:
             break

@@ -32,7 +32,7 @@ from utils.config import (CONFIG_DIR, Config, add_common_arguments, check_range,
 from utils.backdoor import balanced_subset, random_subset
 from utils.data import BatchLoader, DatasetSpec, ImageSet, Normalizer, load_dataset
 from utils.errors import UserError
-from utils.evaluate import Evaluator
+from utils.evaluate import Evaluator, predict
 from utils.metrics import der
 from utils.record import load_into, load_tensors, save_tensors, write_json, write_manifest, write_yaml
 from utils.runner import (CHECKPOINT, Checkpoint, EpochReporter, announce_plan, check_writable, log_config,
@@ -69,6 +69,13 @@ class CleanData:
         return BatchLoader(self.data, batch_size, self.normalizer, device=self.device, shuffle=shuffle,
                            crop_padding=self.crop_padding if augment else 0, hflip=self.hflip and augment, seed=seed,
                            num_batches=num_batches)
+
+    @torch.no_grad()
+    def accuracy(self, model: torch.nn.Module) -> float:
+        """The model's accuracy on these images (eval mode, no augmentation): a held-out part's
+        validation signal."""
+        logits = predict(model, self.data.images, self.normalizer, device=self.device)
+        return (logits.argmax(1) == self.data.labels.cpu()).float().mean().item()
 
     def split(self, fraction: float, seed: int) -> tuple["CleanData", "CleanData"]:
         """(training part, held-out part): ``fraction`` of the reserved images (at least one, and at
