@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from utils.config import check_range  # noqa: E402
+from utils.config import check_range, str2bool  # noqa: E402
 from utils.data import ImageSet  # noqa: E402
 from utils.defense import run_defense  # noqa: E402
 from utils.errors import UserError  # noqa: E402
@@ -62,7 +62,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--atk_succ_threshold", type=float, help="attack success (%%) a reversed trigger must reach")
     parser.add_argument("--patience", type=int, help="epochs above / below the threshold before the cost moves")
     parser.add_argument("--cost_multiplier", type=float, help="cost up: x this; down: / this^1.5")
-    parser.add_argument("--early_stop", type=lambda v: str(v).lower() in ("1", "true", "yes"), help="early stop")
+    parser.add_argument("--early_stop", type=str2bool, help="stop a class early once its best norm stalls")
     parser.add_argument("--early_stop_threshold", type=float, help="relative improvement that resets the early stop")
     parser.add_argument("--early_stop_patience", type=int, help="epochs without improvement before stopping")
     parser.add_argument("--use_norm", type=int, help="norm of the mask (1: L1)")
