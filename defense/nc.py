@@ -213,8 +213,7 @@ def purify(model, clean, cfg, report):
         images.append(stamp(stamped_part.images, masks[k].to(stamped_part.images.device),
                             patterns[k].to(stamped_part.images.device)))
         labels.append(stamped_part.labels)
-    unlearn = type(clean)(ImageSet(torch.cat(images), torch.cat(labels)), spec, clean.device,
-                          crop_padding=clean.crop_padding, hflip=clean.hflip)
+    unlearn = clean.with_data(ImageSet(torch.cat(images), torch.cat(labels)))
     optimizer = build_optimizer(model.parameters(), cfg)
     fit(model, unlearn.loader(cfg.batch_size, cfg.random_seed), optimizer, build_scheduler(optimizer, cfg, cfg.epochs),
         cross_entropy_loss, epochs=cfg.epochs, amp=cfg.amp, on_epoch_end=report, desc="nc unlearning")

@@ -18,7 +18,7 @@ The threat model is the signature ``purify(model, clean, cfg, report) -> model``
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -91,9 +91,11 @@ class CleanData:
         keep = torch.ones(n, dtype=torch.bool)
         keep[held] = False
         self.held_out = count
-        part = {k: getattr(self, k) for k in ("spec", "device", "crop_padding", "hflip")}
-        return (CleanData(self.data.subset(torch.nonzero(keep).flatten()), **part),
-                CleanData(self.data.subset(held), **part))
+        return self.with_data(self.data.subset(torch.nonzero(keep).flatten())), self.with_data(self.data.subset(held))
+
+    def with_data(self, data: ImageSet) -> "CleanData":
+        """Other images (a part of these, NC's stamped copies) batched the same way."""
+        return replace(self, data=data, held_out=0)
 
 
 Purify = Callable[[torch.nn.Module, CleanData, Config, Callable[[int, dict], None]], torch.nn.Module]
