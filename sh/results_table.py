@@ -1,11 +1,18 @@
-"""Print the results under a folder of records (or one record's folder) as a table.
+"""Build the D3 paper's tables from a folder of records (or one record's folder).
 
     python sh/results_table.py --record_dir record
-    python sh/results_table.py --record_dir record/badnet_demo
+    python sh/results_table.py --record_dir record --out results/table1 --paper
+    python sh/results_table.py --record_dir record/badnet_demo --runs
 
-One line per attack record and per defense of it: ACC / ASR / RA / DER in percent and the wall time
-of the run. Nothing is re-run: the table is read from the records' summary.json files, each checked
-against the SHA-256 in its record.json; unfinished, damaged or stale runs are listed with a note.
+Nothing is re-run: every attack and defense ``summary.json`` under the folder is read (each checked
+against the SHA-256 in its ``record.json``; unfinished, damaged or stale runs are listed as problems
+and left out). One table per (dataset, model, training setting), in the paper's layout: attacks as
+rows, the attacked model and each defense as ACC / ASR / DER column groups, an Average row (the mean
+of each column over attacks, DER included), records that differ only in their seed shown as
+mean ± std. ``--out PREFIX`` also writes ``PREFIX.csv`` (long form, one row per attack and defense),
+``PREFIX.md`` and ``PREFIX.tex`` (best value of each metric per row in bold, second underlined) and
+``PREFIX_cost.png`` (each defense's wall time relative to FT). ``--paper`` prints the paper's own
+Table 1 for the same attacks and defenses below.
 """
 from __future__ import annotations
 
@@ -15,17 +22,36 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.results import collect, format_runs  # noqa: E402
+from utils.results import build_tables, collect, format_runs, format_text, paper_table, write_tables  # noqa: E402
 from utils.runner import cli_main  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--record_dir", default="record", help="a folder of records, or one record's folder")
+    p.add_argument("--out", default=None, help="also write PREFIX.csv, PREFIX.md, PREFIX.tex and PREFIX_cost.png")
+    p.add_argument("--runs", action="store_true", help="also list every run on its own line")
+    p.add_argument("--paper", action="store_true", help="print the paper's Table 1 for the same attacks and defenses")
     args = p.parse_args(argv)
-    table = format_runs(collect(Path(args.record_dir)))
-    print(table)
-    return table
+    rows = collect(Path(args.record_dir))
+    tables = build_tables(rows)
+    parts = [format_text(t) for t in tables] or ["no finished records found"]
+    if args.paper and tables:
+        paper = paper_table(attacks={r.attack for t in tables for r in t.rows},
+                            defenses={d for t in tables for d in t.defenses})
+        parts.append(format_text(paper) if paper.rows else "the paper's Table 1 has none of these attacks")
+    if args.runs:
+        parts.append(format_runs(rows))
+    problems = [f"  {r.record}{'' if r.defense == '-' else '/defense/' + r.defense}: {r.problem}"
+                for r in rows if r.problem]
+    if problems:
+        parts.append("left out:\n" + "\n".join(problems))
+    if args.out:
+        written = write_tables(tables, Path(args.out))
+        parts.append("wrote " + ", ".join(str(p) for p in written))
+    text = "\n\n".join(parts)
+    print(text)
+    return text
 
 
 if __name__ == "__main__":

@@ -129,3 +129,17 @@ def rebuild_and_defend(record: Path, dataset_path: str, attack):
     summary = json.loads((record / "defense" / "d3" / "summary.json").read_text())
     assert 0.0 <= summary["asr"] <= 1.0
     return bd, dataset
+
+
+def interrupt_after_saves(monkeypatch, count: int):
+    """Ctrl-C in the epoch after the ``count``-th checkpoint was written (the end of epoch count + 1)."""
+    import utils.runner
+    real, calls = utils.runner.EpochReporter.__call__, []
+
+    def report_or_interrupt(self, epoch, stats):
+        calls.append(epoch)
+        if len(calls) == count + 1:
+            raise KeyboardInterrupt
+        return real(self, epoch, stats)
+    monkeypatch.setattr(utils.runner.EpochReporter, "__call__", report_or_interrupt)
+    return lambda: monkeypatch.setattr(utils.runner.EpochReporter, "__call__", real)

@@ -49,7 +49,7 @@ def test_cli_subprocess_attack_then_defense_then_table(tiny_data, tmp_path):
     run("attack/badnet.py", "--save_folder_name", "cli", *run_args(tiny_data, tmp_path), *TINY, "--epochs", "1")
     proc = run("defense/d3.py", "--result_file", "cli", *run_args(tiny_data, tmp_path), "--epochs", "1")
     assert "\r" not in proc.stderr and "it/s" not in proc.stderr  # no progress bars when stderr is not a terminal
-    table = run("sh/results_table.py", "--record_dir", str(tmp_path)).stdout
+    table = run("sh/results_table.py", "--record_dir", str(tmp_path), "--runs").stdout
     assert "cli" in table and "badnet" in table and "d3" in table
 
 

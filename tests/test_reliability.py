@@ -13,27 +13,14 @@ import attack.badnet as badnet
 import defense.d3 as d3
 import defense.ft as ft
 import utils.runner
-from conftest import TINY, copy_record, expect_error, run_args
+from conftest import TINY, copy_record, expect_error, interrupt_after_saves, run_args
 from models import create_model
 from utils.data import BatchLoader, ImageSet, Normalizer, load_dataset
 from utils.errors import UserError
 from utils.progress import progress
 from utils.record import load_tensors, read_yaml, sha256_file
-from utils.results import collect, format_paper_table, format_runs
+from utils.results import build_tables, collect, format_runs, format_text
 from utils.runner import announce_plan, check_writable, cli_main, staging_dir
-
-
-def interrupt_after_saves(monkeypatch, count: int):
-    """Ctrl-C in the epoch after the ``count``-th checkpoint was written (the end of epoch count + 1)."""
-    real, calls = utils.runner.EpochReporter.__call__, []
-
-    def report_or_interrupt(self, epoch, stats):
-        calls.append(epoch)
-        if len(calls) == count + 1:
-            raise KeyboardInterrupt
-        return real(self, epoch, stats)
-    monkeypatch.setattr(utils.runner.EpochReporter, "__call__", report_or_interrupt)
-    return lambda: monkeypatch.setattr(utils.runner.EpochReporter, "__call__", real)
 
 
 def interrupted(capsys, main, argv) -> str:
@@ -305,8 +292,9 @@ def test_results_table(capsys, tiny_data, tiny_record, tmp_path):
     summary = json.loads((rec / "defense" / "ft" / "summary.json").read_text())
     table = results_table.main(["--record_dir", str(rec)])  # one record's folder works too
     assert f"{100 * summary['clean_acc']:.2f}" in table and f"{100 * summary['der']:.2f}" in table
-    paper = format_paper_table(rows, ["ft", "d3"]).splitlines()
-    assert paper[2].startswith("badnet") and paper[2].split()[-3:] == ["-", "-", "-"]  # d3 not run
+    paper = format_text(build_tables(rows)[0]).splitlines()
+    assert paper[3].startswith("badnet") and paper[3].split()[-3:] == [f"{100 * summary[k]:.2f}" for k in
+                                                                       ("clean_acc", "asr", "der")]
 
     (rec / "defense" / "ft" / "summary.json").write_text(json.dumps({**summary, "asr": 0.0}))
     assert "summary.json does not match record.json" in format_runs(collect(tmp_path))

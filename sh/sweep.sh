@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# A sweep: every attack in ATTACKS, then every defense in DEFENSES on each record, for each seed in
+# SEEDS; then the table. Edit the defaults below, or set any of them in the environment:
+#
+#   DATASET_PATH=../shared/data/cifar10-jpeg.zip PRESET=cpu DEVICE=cpu bash sh/sweep.sh
+#   ATTACKS=badnet,blended DEFENSES=ft,d3 SEEDS=0,1,2 bash sh/sweep.sh --gpus all
+#   bash sh/sweep.sh --executor slurm --slurm_partition gpu
+#
+# Arguments are passed on to the launcher (python sh/launch.py --help) and win over the variables.
+# Every run whose output is already finished is skipped and an interrupted one resumes, so the same
+# command continues a stopped sweep. The table is written to $TABLE.{csv,md,tex} and $TABLE_cost.png.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+ATTACKS="${ATTACKS:-all}"            # attack scripts (attack/<name>.py), comma-separated, or all
+DEFENSES="${DEFENSES:-all}"          # defense scripts (defense/<name>.py), comma-separated, all, or none
+PRESET="${PRESET:-paper}"            # paper | cpu | cpu_small | smoke (sh/launch.py --help says what each is)
+DATASET="${DATASET:-cifar10}"
+DATASET_PATH="${DATASET_PATH:-}"     # empty: the scripts' ./data
+MODEL="${MODEL:-}"                   # empty: the preset's
+EPOCHS="${EPOCHS:-}"                 # attack epochs; empty: the preset's
+DEFENSE_EPOCHS="${DEFENSE_EPOCHS:-}" # epochs of every defense that counts epochs; empty: the preset's schedules
+SEEDS="${SEEDS:-0}"
+DEVICE="${DEVICE:-auto}"
+RECORD_DIR="${RECORD_DIR:-record}"
+TABLE="${TABLE:-results/sweep}"
+TABLE_ARGS="${TABLE_ARGS:-}"         # e.g. --paper: the paper's Table 1 below ours
+
+args=(--attacks "$ATTACKS" --defenses "$DEFENSES" --preset "$PRESET" --dataset "$DATASET" --seeds "$SEEDS"
+      --device "$DEVICE" --record_dir "$RECORD_DIR")
+[ -n "$DATASET_PATH" ] && args+=(--dataset_path "$DATASET_PATH")
+[ -n "$MODEL" ] && args+=(--model "$MODEL")
+[ -n "$EPOCHS" ] && args+=(--epochs "$EPOCHS")
+[ -n "$DEFENSE_EPOCHS" ] && args+=(--defense_epochs "$DEFENSE_EPOCHS")
+
+python sh/launch.py "${args[@]}" "$@"
+status=$?
+if [ "$status" -eq 2 ]; then exit 2; fi  # bad input: the launcher said what, nothing ran
+for arg in "$@"; do [ "$arg" = --dry_run ] && exit 0; done
+# shellcheck disable=SC2086
+python sh/results_table.py --record_dir "$RECORD_DIR" --out "$TABLE" $TABLE_ARGS || status=$?
+exit "$status"

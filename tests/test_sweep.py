@@ -1,0 +1,190 @@
+"""Sweeps and tables: the table builder on hand-written summaries, and the launcher's scheduling
+(order, skip-if-done, resume, refusal of a record made otherwise, failure reporting) on tiny real
+runs, in its own pool and through submitit's local executor."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import re
+
+import pytest
+import yaml
+
+import attack.badnet as badnet
+from conftest import ROOT, expect_error, interrupt_after_saves
+from utils.record import sha256_file
+from utils.results import CSV_COLUMNS, build_tables, collect, format_text, rank_marks, write_tables
+from utils.runner import cli_main
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "sh" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+launch, results_table = _script("launch"), _script("results_table")
+
+
+# ----------------------------------------------------------------------------- tables on hand-written records
+
+def _run(folder, summary: dict, meta: dict, config: dict | None = None) -> None:
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps(summary))
+    if config is not None:
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    files = {"summary.json": sha256_file(folder / "summary.json")}
+    (folder / "record.json").write_text(json.dumps({**meta, "files": files, "format_version": 2}))
+
+
+def fake_record(root, name, attack, seed, none, defenses, epochs=100):
+    """An attack record with its figures in % (ACC, ASR) and each defense's (ACC, ASR, DER, wall s)."""
+    folder = root / name
+    _run(folder, {"clean_acc": none[0] / 100, "asr": none[1] / 100, "ra": 0.05, "wall_seconds": 1000.0},
+         {"kind": "attack", "attack": attack, "model": "preactresnet18", "dataset": {"name": "cifar10"}},
+         {"attack": attack, "model": "preactresnet18", "dataset": "cifar10", "epochs": epochs, "lr": 0.01,
+          "random_seed": seed, "pratio": 0.1, "device": "cuda", "save_folder_name": name})
+    for defense, (acc, asr, der, wall) in defenses.items():
+        _run(folder / "defense" / defense,
+             {"clean_acc": acc / 100, "asr": asr / 100, "ra": 0.5, "der": der / 100, "wall_seconds": wall},
+             {"kind": "defense", "defense": defense, "attack_record_sha256": sha256_file(folder / "record.json")})
+
+
+@pytest.fixture
+def hand_records(tmp_path):
+    root = tmp_path / "records"
+    fake_record(root, "bn0", "badnet", 0, (90, 95), {"ft": (88, 2, 96, 100), "d3": (89, 1, 97, 100),
+                                                     "anp": (87, 1, 96.5, 50)})
+    fake_record(root, "bn1", "badnet", 1, (92, 97), {"ft": (90, 4, 95, 120), "d3": (91, 1, 98, 60),
+                                                     "anp": (89, 3, 95.5, 60)})
+    fake_record(root, "bl0", "blended", 0, (93, 99), {"ft": (92, 50, 74, 100), "d3": (92, 0.5, 99, 90)})
+    fake_record(root, "short", "badnet", 0, (70, 90), {"ft": (60, 10, 80, 10)}, epochs=10)
+    (root / "half").mkdir()
+    (root / "half" / "checkpoint.pt").write_bytes(b"")  # an unfinished run: listed, left out
+    return root
+
+
+def _md_rows(text: str) -> dict[str, list[str]]:
+    rows = [ln.split("|")[1:-1] for ln in text.splitlines() if ln.startswith("| ")]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows}
+
+
+def test_tables_from_hand_written_summaries(hand_records, tmp_path):
+    tables = build_tables(collect(hand_records))
+    assert [(t.model, t.setting) for t in tables] == [("preactresnet18", "epochs=100"),
+                                                      ("preactresnet18", "epochs=10")]
+    main = tables[0]
+    assert [r.attack for r in main.rows] == ["badnet", "blended"] and main.defenses == ["ft", "anp", "d3"]
+    d3 = main.rows[0].cells["d3"]
+    assert d3.n_seeds == 2 and d3.mean("clean_acc") == pytest.approx(90) and d3.std("clean_acc") == pytest.approx(2 ** 0.5)
+    # The Average row averages each column over attacks, DER included; a missing cell makes it '-'.
+    assert main.average("ft", "der") == pytest.approx((95.5 + 74) / 2)
+    assert main.average("anp", "clean_acc") is None and main.average("none", "asr") == pytest.approx((96 + 99) / 2)
+    assert main.cost("d3") == pytest.approx(((100 / 100 + 60 / 120) / 2 + 90 / 100) / 2)
+
+    written = write_tables(tables, tmp_path / "out" / "table1")
+    assert [p.name for p in written] == ["table1.csv", "table1.md", "table1.tex", "table1_cost.png"]
+    md = _md_rows(written[1].read_text().split("\n\n")[1])
+    # columns: none ACC ASR | ft ACC ASR DER | anp ACC ASR DER | d3 ACC ASR DER
+    bn, bl, avg = md["badnet"], md["blended"], md["Average"]
+    assert bn[0] == "91.00 ± 1.41" and bn[2] == "<u>89.00 ± 1.41</u>" and bn[8] == "**90.00 ± 1.41**"
+    assert bn[6] == "<u>2.00 ± 1.41</u>" and bn[9] == "**1.00 ± 0.00**" and bn[10] == "**97.50 ± 0.71**"
+    assert bl[5:8] == ["-", "-", "-"]                     # anp did not run on blended
+    assert bl[2] == bl[8] == "**92.00**"                  # a tie shares the bold
+    assert avg[4] == "<u>84.75</u>" and avg[5:8] == ["-", "-", "-"] and avg[10] == "**98.25**"
+    tex = written[2].read_text()
+    assert "\\textbf{90.00 $\\pm$ 1.41}" in tex and "\\underline{89.00 $\\pm$ 1.41}" in tex
+    assert "\\multicolumn{3}{c}{d3}" in tex
+
+    with open(written[0]) as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames[:9] == ["dataset", "model", "attack", "defense", "clean_acc", "asr", "ra", "der",
+                                         "n_seeds"] == CSV_COLUMNS[:9]
+        rows = list(reader)
+    by = {(r["setting"], r["attack"], r["defense"]): r for r in rows}
+    assert by[("epochs=100", "badnet", "d3")]["clean_acc"] == "90.00" and by[("epochs=100", "badnet", "d3")]["n_seeds"] == "2"
+    assert by[("epochs=100", "badnet", "none")]["der"] == "" and by[("epochs=100", "badnet", "none")]["asr"] == "96.00"
+    assert by[("epochs=100", "Average", "ft")]["der"] == "84.75" and by[("epochs=100", "Average", "anp")]["asr"] == ""
+    assert by[("epochs=10", "badnet", "ft")]["clean_acc"] == "60.00"
+
+
+def test_rank_marks_ties_and_direction():
+    assert rank_marks({"a": 1.0, "b": 2.0, "c": 3.0}, min) == {"a": "best", "b": "second"}
+    assert rank_marks({"a": 1.0, "b": 3.0, "c": 3.001, "d": 2.0}, max) == {"b": "best", "c": "best", "d": "second"}
+    assert rank_marks({"a": 5.0, "b": None}, max) == {}  # one value: nothing to compare
+
+
+def test_results_table_command(hand_records, tmp_path, capsys):
+    text = results_table.main(["--record_dir", str(hand_records), "--out", str(tmp_path / "t"), "--paper"])
+    assert "cifar10, preactresnet18 (epochs=100), in %; mean ± std over 1/2 seeds" in text
+    assert "the D3 paper's Table 1" in text and "90.77" in text  # the paper's D3 on BadNets
+    assert "left out:\n  half: unfinished" in text and (tmp_path / "t.md").is_file()
+    assert format_text(build_tables(collect(hand_records))[0]).splitlines()[4].startswith("blended")
+
+
+# ----------------------------------------------------------------------------- the launcher on tiny runs
+
+def sweep_argv(tiny_data, records, *extra) -> list[str]:
+    return ["--attacks", "badnet", "--defenses", "ft", "--model", "preactresnet18_w8", "--epochs", "2",
+            "--defense_epochs", "1", "--dataset_path", str(tiny_data["pickles"]), "--device", "cpu",
+            "--record_dir", str(records), "--prefix", "t_", "--attack_args", "--batch_size 64", *extra]
+
+
+def launched(capsys, argv) -> tuple[int, list[str]]:
+    code = launch.main(argv)
+    return code, [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[")]
+
+
+def test_pool_runs_skips_resumes_and_refuses(tiny_data, tmp_path, capsys, monkeypatch):
+    records = tmp_path / "records"
+    code, lines = launched(capsys, sweep_argv(tiny_data, records))
+    assert code == 0 and [ln.split()[1:3] for ln in lines] == [["done", "attack"], ["done", "ft"]]
+    assert "ACC" in lines[0] and "DER" in lines[1] and " s " in lines[1]
+    assert (records / "_logs" / "t_badnet_s0.log").is_file() and (records / "_logs" / "t_badnet_s0.ft.log").is_file()
+    assert [r.record for r in collect(records)] == ["t_badnet_s0", "t_badnet_s0"]  # logs are not records
+
+    code, lines = launched(capsys, sweep_argv(tiny_data, records))  # nothing left to do
+    assert code == 0 and [ln.split()[1] for ln in lines] == ["skipped", "skipped"]
+
+    # An interrupted attack (seed 1) is continued with --resume by the next sweep.
+    job = next(j for j in launch.sweep_from(launch.parser().parse_args(sweep_argv(tiny_data, records, "--seeds", "1")))
+               .jobs() if j.kind == "attack")
+    restore = interrupt_after_saves(monkeypatch, 1)
+    with pytest.raises(SystemExit):
+        cli_main(badnet.main, list(job.args))
+    restore()
+    assert (records / "t_badnet_s1" / "checkpoint.pt").is_file()
+    code, lines = launched(capsys, sweep_argv(tiny_data, records, "--seeds", "0,1"))
+    assert code == 0 and [ln.split()[1:3] for ln in lines] == [["skipped", "attack"], ["skipped", "ft"],
+                                                                ["done", "attack"], ["done", "ft"]]
+    assert "--resume" in (records / "_logs" / "t_badnet_s1.log").read_text()
+
+    # A finished record made with other settings is not reused, and its defenses do not start.
+    code, lines = launched(capsys, sweep_argv(tiny_data, records, "--epochs", "3"))
+    assert code == 1 and "FAILED" in lines[0] and "epochs 2 (asked 3)" in lines[0]
+    assert "not started: its attack t_badnet_s0 failed" in lines[1]
+    expect_error(capsys, launch.main, sweep_argv(tiny_data, records, "--defenses", "ft,nope"), "unknown defense nope")
+
+
+def test_submitit_local_executor_orders_and_reports_failures(tiny_data, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("submitit")
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # the launcher extends it
+    records = tmp_path / "records"
+    records.mkdir()
+    (records / "t_sig_s0").write_text("in the way")  # makes the sig attack fail
+    code, lines = launched(capsys, sweep_argv(tiny_data, records, "--attacks", "badnet,sig", "--executor", "local"))
+    assert code == 1, lines
+    parsed = [re.match(r"\[\s*\d+/\d+\] (\S+)\s+(attack \S+|\S+ on \S+)", ln).groups() for ln in lines]
+    status = {label: state for state, label in parsed}
+    assert status == {"attack t_badnet_s0": "done", "attack t_sig_s0": "FAILED", "ft on t_badnet_s0": "done",
+                      "ft on t_sig_s0": "FAILED"}
+    assert f"log: {records / '_logs' / 't_sig_s0.log'}" in next(ln for ln in lines if "attack t_sig_s0" in ln)
+    assert "not started: its attack t_sig_s0 failed" in next(ln for ln in lines if "ft on t_sig_s0" in ln)
+    # the defense ran after its attack had finished
+    assert ((records / "t_badnet_s0" / "defense" / "ft" / "record.json").stat().st_mtime
+            > (records / "t_badnet_s0" / "record.json").stat().st_mtime)
+    order = [label for _, label in parsed]
+    assert order.index("ft on t_badnet_s0") > order.index("attack t_badnet_s0")
