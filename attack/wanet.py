@@ -51,7 +51,6 @@ Where this differs from BackdoorBench, and why:
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import sys
 from dataclasses import dataclass
@@ -63,7 +62,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from utils.attack import Attack, register_attack, run_attack  # noqa: E402
-from utils.backdoor import attack_labels  # noqa: E402
+from utils.backdoor import attack_labels, stream_generator  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.runner import cli_main  # noqa: E402
 
@@ -228,11 +227,6 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator, *, padding: 
 
 # ----------------------------------------------------------------------------- the attack
 
-def _field_generator(seed: int) -> torch.Generator:
-    digest = hashlib.sha256(f"wanet-field:{seed}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-
-
 @register_attack
 class WaNet(Attack):
     """WaNet warping-based attack (Nguyen & Tran, ICLR 2021), BackdoorBench defaults."""
@@ -274,7 +268,7 @@ class WaNet(Attack):
     @classmethod
     def make_trigger(cls, cfg, spec, dataset=None) -> dict[str, torch.Tensor]:
         cls._check(cfg, spec)
-        noise = random_field(cfg.k, _field_generator(cfg.random_seed))
+        noise = random_field(cfg.k, stream_generator(cfg.random_seed, "wanet-field"))
         grid = warp_grid(noise, cfg.s, cfg.grid_rescale, spec.image_size)
         return {"grid": grid.contiguous(), "noise": noise,
                 "s": torch.tensor(float(cfg.s), dtype=torch.float64), "k": torch.tensor(int(cfg.k)),
@@ -306,6 +300,15 @@ class WaNet(Attack):
             return augment_batch(x, generator, padding=padding, degrees=degrees, hflip=hflip,
                                  fill=cache["fill"]), y
         return hook
+
+    @classmethod
+    def snapshot_hook(cls, cfg, artifacts, spec):
+        """The poisoning of :meth:`batch_hook` without its augmentation: BackdoorBench's poisoned
+        training set after training (backdoor and noise samples at the head of every batch)."""
+        options = dict(pratio=float(cfg.pratio), cross_ratio=float(cfg.cross_ratio), rule=cfg.attack_label_trans,
+                       target=int(cfg.attack_target), num_classes=spec.num_classes)
+        return lambda x, y, generator: poison_batch(x, y, artifacts["grid"].to(x.device), generator=generator,
+                                                    **options)
 
 
 def main(argv: list[str] | None = None):

@@ -143,3 +143,33 @@ def interrupt_after_saves(monkeypatch, count: int):
         return real(self, epoch, stats)
     monkeypatch.setattr(utils.runner.EpochReporter, "__call__", report_or_interrupt)
     return lambda: monkeypatch.setattr(utils.runner.EpochReporter, "__call__", real)
+
+
+def leaks(root, secrets: list) -> list:
+    """The tensors among ``secrets`` (test images, poison indices, trigger artifacts) reachable from
+    ``root`` through attributes, containers and module state: what a defense could read."""
+    import torch
+    import torch.nn as nn
+    found, seen = [], set()
+
+    def walk(obj, depth=0):
+        if id(obj) in seen or depth > 12:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            found.extend(s for s in secrets if s.shape == obj.shape and torch.equal(s.to(obj.device), obj.detach()))
+            return
+        if isinstance(obj, dict):
+            children = list(obj.values())
+        elif isinstance(obj, (list, tuple, set)):
+            children = list(obj)
+        elif isinstance(obj, nn.Module):
+            children = list(obj.state_dict().values()) + [vars(obj)]
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+            children = [vars(obj)]
+        else:
+            return
+        for child in children:
+            walk(child, depth + 1)
+    walk(root)
+    return found

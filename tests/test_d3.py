@@ -7,7 +7,7 @@ import defense.d3 as d3
 from models import create_model
 from utils.config import Config
 from utils.data import DATASETS, ImageSet
-from utils.defense import CleanData
+from utils.defense import DefenderData
 from utils.errors import UserError
 
 
@@ -71,7 +71,7 @@ def test_warm_up_methods(method):
 def _clean_data(n=64):
     torch.manual_seed(1)
     data = ImageSet(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (n,)))
-    return CleanData(data, DATASETS["cifar10"], torch.device("cpu"), crop_padding=4, hflip=True)
+    return DefenderData(data, DATASETS["cifar10"], torch.device("cpu"), crop_padding=4, hflip=True)
 
 
 def _cfg(**kw):

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import copy_record, expect_error, run_args
+from conftest import copy_record, expect_error, leaks, run_args
 from models import create_model
 from utils.data import DatasetSpec, ImageSet
-from utils.defense import CleanData
+from utils.defense import DefenderData
 from utils.record import load_tensors
 
 anp = importlib.import_module("defense.anp")
@@ -23,7 +23,7 @@ RUNS = {"anp": ["--nb_iter", "4", "--print_every", "2", "--batch_size", "32"],
 def clean_data(n=40):
     images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 4, 4).contiguous()
     spec = DatasetSpec("toy", 10, 4, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    return CleanData(ImageSet(images, torch.arange(n) % 10), spec, torch.device("cpu"))
+    return DefenderData(ImageSet(images, torch.arange(n) % 10), spec, torch.device("cpu"))
 
 
 def test_held_out_split_is_disjoint_and_fixed_by_the_seed():
@@ -143,35 +143,11 @@ def test_purify_receives_no_test_data_poison_index_or_trigger(tiny_data, tiny_re
     secrets = [torch.from_numpy(tiny_data["x_test"])]
     secrets += list(load_tensors(tmp_path / "badnet" / "indices.safetensors").values())
     secrets += list(load_tensors(tmp_path / "badnet" / "trigger.safetensors").values())
+    assert len(leaks(SimpleNamespace(inner=[{"x": secrets[0].clone()}]), secrets)) == 1  # the walker finds a plant
     found = []
 
-    def walk(obj, seen, depth=0):
-        if id(obj) in seen or depth > 12:
-            return
-        seen.add(id(obj))
-        if isinstance(obj, torch.Tensor):
-            found.extend(s for s in secrets if s.shape == obj.shape and torch.equal(s.to(obj.device), obj.detach()))
-            return
-        if isinstance(obj, dict):
-            children = list(obj.values())
-        elif isinstance(obj, (list, tuple, set)):
-            children = list(obj)
-        elif isinstance(obj, nn.Module):
-            children = list(obj.state_dict().values()) + [vars(obj)]
-        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
-            children = [vars(obj)]
-        else:
-            return
-        for child in children:
-            walk(child, seen, depth + 1)
-
-    walk(SimpleNamespace(inner=[{"x": secrets[0].clone()}]), set())  # the walker does find a planted leak
-    assert len(found) == 1
-    found.clear()
-
     def spy(model, clean, cfg, report):
-        for thing in (model, clean, cfg, report):
-            walk(thing, set())
+        found.extend(leaks((model, clean, cfg, report), secrets))
         report(0, {"train_loss": 1.0})
         return model
     run_defense("spy", spy, None, ["--result_file", "badnet", *run_args(tiny_data, tmp_path), "--epochs", "1",

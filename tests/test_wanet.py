@@ -308,6 +308,21 @@ def test_end_to_end_then_d3_and_rebuild(tiny_data, tmp_path):
 
     bd, dataset = rebuild_and_defend(rec, data, WaNet)
 
+    # The fixed snapshot of the poisoned training set (BackdoorBench's, after training): one
+    # unshuffled pass of batch_size batches, the backdoor and noise samples at each batch's head,
+    # rebuilt the same from the record every time.
+    from utils.attack import load_attack_record, poisoned_train_set
+    record = load_attack_record(rec)
+    snapshot = poisoned_train_set(record, dataset)
+    again = poisoned_train_set(record, dataset)
+    assert torch.equal(snapshot.images, again.images) and torch.equal(snapshot.labels, again.labels)
+    batch = config["batch_size"]
+    changed = torch.nonzero((snapshot.images != dataset.train.images).flatten(1).any(1)).flatten()
+    relabelled = torch.nonzero(snapshot.labels != dataset.train.labels).flatten()
+    num_bd = int(config["pratio"] * batch)
+    assert len(changed) > 0 and set(relabelled.tolist()) <= {b + i for b in range(0, 200, batch) for i in range(num_bd)}
+    assert (changed % batch < num_bd * (1 + config["cross_ratio"])).all() and (snapshot.labels[relabelled] == 0).all()
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_hook_on_cuda_matches_counts():

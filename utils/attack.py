@@ -17,6 +17,9 @@ Optional, for attacks that poison differently:
       labels and augment; its random draws come from the loader's per-epoch generator, so a
       resumed run is exact. Modules it trains (Input-aware's generator) go in its ``state_dict``,
       which the checkpoint stores;
+    * ``snapshot_hook(cfg, artifacts, spec)`` for a training-controlled attack: its per-batch
+      poisoning rule without the augmentation, from which :func:`poisoned_train_set` builds the
+      fixed snapshot of the poisoned training set that BackdoorBench keeps after training;
     * ``loss_fn(cfg, artifacts)`` the training loss (default: cross-entropy).
 """
 from __future__ import annotations
@@ -30,10 +33,11 @@ import torch
 
 from models import create_model, list_models
 from utils.backdoor import (LABEL_TRANSFORMS, BackdoorTestSet, backdoor_test_set, balanced_subset,
-                            poison_train_set, select_poison_indices)
+                            poison_train_set, select_poison_indices, stream_generator)
 from utils.config import (CONFIG_DIR, Config, add_common_arguments, check_range, check_training, new_parser,
                           require, resolve_config, resolve_device, seed_everything, str2bool)
-from utils.data import BatchLoader, Dataset, DatasetSpec, Normalizer, get_spec, load_dataset, tensor_fingerprint
+from utils.data import (BatchLoader, Dataset, DatasetSpec, ImageSet, Normalizer, get_spec, load_dataset,
+                        tensor_fingerprint)
 from utils.errors import UserError
 from utils.evaluate import Evaluator
 from utils.record import (load_tensors, read_json, read_manifest, read_yaml, save_tensors, sha256_file,
@@ -83,6 +87,12 @@ class Attack:
     @classmethod
     def batch_hook(cls, cfg: Config, artifacts: dict[str, torch.Tensor], spec: DatasetSpec):
         """``None`` for data-poisoning attacks; training-controlled attacks return a BatchHook."""
+        return None
+
+    @classmethod
+    def snapshot_hook(cls, cfg: Config, artifacts: dict[str, torch.Tensor], spec: DatasetSpec):
+        """A training-controlled attack's poisoning rule without its augmentation (a BatchHook), or
+        ``None`` when the attack has no fixed snapshot of its poisoned training set."""
         return None
 
     @staticmethod
@@ -318,6 +328,38 @@ def load_train_set(record: AttackRecord, dataset: Dataset) -> Dataset:
         return dataset
     subset = load_tensors(record.dir / "indices.safetensors")["train_subset_index"]
     return replace(dataset, train=dataset.train.subset(subset))
+
+
+def poisoned_train_set(record: AttackRecord, dataset: Dataset) -> ImageSet:
+    """The training set as the victim held it (poisoned samples included, unmarked), rebuilt from the
+    record's trigger artifacts and poison indices and checked against its fingerprint. ``dataset`` is
+    the data the attack trained on (:func:`load_train_set`).
+
+    A training-controlled attack (WaNet) poisons a fresh share of every batch, so there is no one
+    poisoned set; as BackdoorBench does after training, the snapshot is one unshuffled pass of
+    ``batch_size`` batches through the attack's poisoning rule (:meth:`Attack.snapshot_hook`), its
+    random draws from the record's seed, so it is rebuilt exactly."""
+    meta, attack = record.meta, get_attack(record.meta["attack"])
+    artifacts = load_tensors(record.dir / "trigger.safetensors")
+    poison_index = load_tensors(record.dir / "indices.safetensors")["train_poison_index"]
+    poisoned = poison_train_set(dataset.train, poison_index, lambda x: attack.apply_train_trigger(x, artifacts),
+                                meta["attack_label_trans"], meta["attack_target"], dataset.spec.num_classes,
+                                relabel=not attack.clean_label)
+    if tensor_fingerprint(poisoned.images, poisoned.labels) != meta["poisoned_train_fingerprint"]:
+        raise UserError(f"the poisoned training set rebuilt from {record.dir} does not match the one the attack "
+                        f"trained on; the record or the attack code changed")
+    cfg = Config(**record.config)
+    if attack.batch_hook(cfg, artifacts, dataset.spec) is None:
+        return poisoned
+    rule = attack.snapshot_hook(cfg, artifacts, dataset.spec)
+    if rule is None:
+        raise UserError(f"the attack {attack.name} poisons a fresh share of every training batch and defines no "
+                        f"fixed snapshot of its poisoned training set, which this defense needs")
+    generator = stream_generator(cfg.random_seed, "poisoned-train-snapshot")
+    parts = [rule(poisoned.images[i:i + cfg.batch_size], poisoned.labels[i:i + cfg.batch_size], generator)
+             for i in range(0, len(poisoned), cfg.batch_size)]
+    images = torch.cat([x.float() for x, _ in parts]).round().clamp(0, 255).to(torch.uint8)
+    return ImageSet(images, torch.cat([y for _, y in parts]))
 
 
 def rebuild_backdoor_test(meta: dict, record_dir: Path, dataset: Dataset) -> BackdoorTestSet:

@@ -29,13 +29,17 @@ def attack_labels(labels: torch.Tensor, rule: str, target: int, num_classes: int
     raise ValueError(f"unknown label transform {rule!r}; choose one of {LABEL_TRANSFORMS}")
 
 
+def stream_generator(seed: int, stream: str) -> torch.Generator:
+    """A CPU generator for one named use of the seed, independent of every other use's draws."""
+    digest = hashlib.sha256(f"{stream}:{seed}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
 def random_subset(num_samples: int, count: int, seed: int, stream: str) -> torch.Tensor:
     """``count`` distinct indices in ``0..num_samples-1`` drawn uniformly, sorted. ``stream`` names the
     use, so that draws with the same seed for different purposes (poisoning, the defender's reserved
     data) are independent rather than prefixes of one permutation."""
-    digest = hashlib.sha256(f"{stream}:{seed}".encode()).digest()
-    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-    return torch.randperm(num_samples, generator=gen)[:count].sort().values
+    return torch.randperm(num_samples, generator=stream_generator(seed, stream))[:count].sort().values
 
 
 def balanced_subset(labels: torch.Tensor, count: int, seed: int, num_classes: int, *,

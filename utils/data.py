@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import re
@@ -319,6 +320,22 @@ def random_crop_flip(images: torch.Tensor, padding: int, hflip: bool, generator:
     return images
 
 
+def random_rotation(images: torch.Tensor, degrees: float, p: float, generator: torch.Generator,
+                    fill: float = 0.0) -> torch.Tensor:
+    """Batched ``RandomApply([RandomRotation(degrees)], p)`` as torchvision does it on tensors, one
+    draw per image: an angle uniform in [-degrees, degrees] about the centre, nearest-neighbour
+    sampling, ``fill`` outside. Float images out."""
+    n, dev = images.shape[0], images.device
+    apply = torch.rand(n, device=dev, generator=generator) < p
+    angle = (torch.rand(n, device=dev, generator=generator) * 2 - 1) * degrees * math.pi / 180
+    angle = torch.where(apply, angle, torch.zeros_like(angle))
+    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+    x = images.float() - fill  # zero padding of grid_sample is then the fill value
+    return torch.nn.functional.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False) + fill
+
+
 # A per-batch hook of training-controlled attacks: (uint8 images [B,C,H,W], labels [B], the epoch's
 # generator) -> (images as uint8 or float on the 0..255 scale, labels), before normalisation.
 BatchHook = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
@@ -365,15 +382,22 @@ class BatchLoader:
                 idx = torch.randint(0, n, (self.batch_size,), device=self.device, generator=gen)
             else:
                 idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            x, y = self.images[idx], self.labels[idx]
-            if self.batch_hook is not None:
-                x, y = self.batch_hook(x, y, gen)
-            elif self.crop_padding or self.hflip:
-                x = random_crop_flip(x, self.crop_padding, self.hflip, gen)
+            x, y = self.transform(idx, self.images[idx], self.labels[idx], gen)
             x = self.normalizer(x)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, y
+
+
+    def transform(self, idx: torch.Tensor, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
+        """A raw batch (the images at positions ``idx``) to training images on the 0..255 scale and
+        labels: the attack's batch hook, or crop and flip. A subclass adds per-sample steps (PDB's
+        defensive samples) and calls this."""
+        if self.batch_hook is not None:
+            return self.batch_hook(x, y, gen)
+        if self.crop_padding or self.hflip:
+            x = random_crop_flip(x, self.crop_padding, self.hflip, gen)
+        return x, y
 
 
 class FixedBatches:

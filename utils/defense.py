@@ -1,9 +1,9 @@
-"""The defense runner: everything a post-training defense shares, so that ``defense/<name>.py``
-only says its algorithm.
+"""The defense runner: everything a defense shares, so that ``defense/<name>.py`` only says its
+algorithm.
 
-The threat model is the signature ``purify(model, clean, cfg, report) -> model``:
+The threat model of a post-training defense is the signature ``purify(model, clean, cfg, report) -> model``:
     * ``model``  the attacked model (weights loaded, on the device);
-    * ``clean``  :class:`CleanData`, the defender's reserved clean training samples (``--ratio`` or
+    * ``clean``  :class:`DefenderData`, the defender's reserved clean training samples (``--ratio`` or
                  ``--index``) and how to batch them -- never the test sets, the poison indices or
                  the trigger; ``clean.split`` holds part of them out where a defense needs a
                  validation signal;
@@ -15,6 +15,13 @@ The threat model is the signature ``purify(model, clean, cfg, report) -> model``
                  its own; a defense with several training stages names each by ``fit``'s ``desc``.
                  It also keeps what a defense decided: ``log``, ``note`` (summary entries),
                  ``save_tensors`` (hashed into record.json), ``save_image`` and ``save_plot``.
+
+An in-training defense (PDB; ``run_defense(..., holds="poisoned_train")``) has the same signature
+with other arguments: ``model`` is a freshly initialised model of the record's architecture, and the
+data is the record's poisoned training set as the victim holds it (images and labels as given,
+poisoned samples unmarked; :func:`utils.attack.poisoned_train_set`), still without the poison
+indices, the trigger or the test sets. It may return a wrapper (:mod:`models.defensive`), which is
+saved and reloaded as data (``model_wrapper`` in record.json) and evaluated like any classifier.
 """
 from __future__ import annotations
 
@@ -25,8 +32,8 @@ from typing import Callable
 import torch
 
 from models import create_model
-from utils.attack import (RESUMABLE_KEYS, AttackRecord, load_attack_record, load_train_set, portable,
-                          rebuild_backdoor_test)
+from utils.attack import (RESUMABLE_KEYS, AttackRecord, load_attack_record, load_train_set, poisoned_train_set,
+                          portable, rebuild_backdoor_test)
 from utils.config import (CONFIG_DIR, Config, add_common_arguments, check_range, check_training, new_parser,
                           require, resolve_config, resolve_device, seed_everything, str2bool)
 from utils.backdoor import balanced_subset, random_subset
@@ -45,8 +52,9 @@ INHERITED_KEYS = ("dataset", "model", "random_crop_padding", "random_hflip")
 
 
 @dataclass
-class CleanData:
-    """The defender's reserved clean training data and how to turn it into training batches."""
+class DefenderData:
+    """Images and labels a defender holds (the reserved clean data; for an in-training defense, the
+    poisoned training set as given) and how to turn them into training batches."""
     data: ImageSet
     spec: DatasetSpec
     device: torch.device
@@ -61,6 +69,9 @@ class CleanData:
         return Normalizer(self.spec.mean, self.spec.std, self.device)
 
     held_out: int = 0  # how many images the last split held out, for the summary
+    # The clean training set, only where a defense reproduces official code that reads it (outside
+    # the threat model; PDB's --defensive_source clean); None otherwise.
+    clean_train: ImageSet | None = None
 
     def loader(self, batch_size: int, seed: int, *, augment: bool = True, shuffle: bool = True,
                num_batches: int | None = None) -> BatchLoader:
@@ -77,7 +88,7 @@ class CleanData:
         logits = predict(model, self.data.images, self.normalizer, device=self.device)
         return (logits.argmax(1) == self.data.labels.cpu()).float().mean().item()
 
-    def split(self, fraction: float, seed: int) -> tuple["CleanData", "CleanData"]:
+    def split(self, fraction: float, seed: int) -> tuple["DefenderData", "DefenderData"]:
         """(training part, held-out part): ``fraction`` of the reserved images (at least one, and at
         least one left to train on) held out for a defense's validation signal -- where to stop
         pruning, which threshold -- so that no defense needs the test sets. The same for the same
@@ -93,12 +104,12 @@ class CleanData:
         self.held_out = count
         return self.with_data(self.data.subset(torch.nonzero(keep).flatten())), self.with_data(self.data.subset(held))
 
-    def with_data(self, data: ImageSet) -> "CleanData":
+    def with_data(self, data: ImageSet) -> "DefenderData":
         """Other images (a part of these, NC's stamped copies) batched the same way."""
         return replace(self, data=data, held_out=0)
 
 
-Purify = Callable[[torch.nn.Module, CleanData, Config, Callable[[int, dict], None]], torch.nn.Module]
+Purify = Callable[[torch.nn.Module, DefenderData, Config, Callable[[int, dict], None]], torch.nn.Module]
 
 
 def reserved_indices(labels: torch.Tensor, cfg: Config, num_classes: int, per_class: bool = False) -> torch.Tensor:
@@ -181,13 +192,23 @@ class DefenseReport(EpochHook):
         save_plot(self._work / name, x, series, xlabel=xlabel, ylabel=ylabel)
 
 
+HOLDS = ("reserve", "poisoned_train")
+
+
 def run_defense(name: str, purify: Purify, add_arguments: Callable | None = None, argv=None,
                 description: str | None = None, reserve_per_class: bool = False,
-                validate: Callable[[Config, torch.nn.Module], None] | None = None) -> Path:
-    """Resolve the config, load the record, hand ``purify`` the attacked model and the defender's
-    reserved data (drawn per class when ``reserve_per_class``), write the defense output.
-    ``validate(cfg, model)`` checks the defense's own settings before anything is written: it
-    raises :class:`UserError` with one line on bad input."""
+                validate: Callable[[Config, torch.nn.Module], None] | None = None, holds: str = "reserve",
+                reads_clean_train: Callable[[Config], bool] | None = None) -> Path:
+    """Resolve the config, load the record, hand ``purify`` the model and the data the threat model
+    gives the defender, write the defense output. ``holds="reserve"`` (post-training): the attacked
+    model and the reserved clean data (drawn per class when ``reserve_per_class``);
+    ``holds="poisoned_train"`` (in-training): a freshly initialised model and the poisoned training
+    set as given. ``validate(cfg, model)`` checks the defense's own settings before anything is
+    written: it raises :class:`UserError` with one line on bad input. ``reads_clean_train(cfg)``
+    true hands the defense the clean training set too, to reproduce official code that reads it
+    (outside the threat model; the log says so)."""
+    if holds not in HOLDS:
+        raise ValueError(f"holds={holds!r}; one of {HOLDS}")
     parser = new_parser(description or f"{name} defense")
     add_common_arguments(parser)
     g = parser.add_argument_group("defense")
@@ -239,14 +260,21 @@ def run_defense(name: str, purify: Purify, add_arguments: Callable | None = None
     if validate is not None:
         validate(cfg, model)
     bd_test = rebuild_backdoor_test(meta, record.dir, dataset)
-    reserved = reserved_indices(dataset.train.labels, cfg, dataset.spec.num_classes, reserve_per_class)
+    if holds == "reserve":
+        reserved = reserved_indices(dataset.train.labels, cfg, dataset.spec.num_classes, reserve_per_class)
+        held = dataset.train.subset(reserved)
+    else:
+        reserved, held = None, poisoned_train_set(record, dataset)
     with writing_output(f"the defense {name} on {record.dir}", work, out_dir):
-        _defend(name, purify, cfg, work, record, model, dataset, bd_test, reserved, device, checkpoint)
+        _defend(name, purify, cfg, work, record, model, dataset, bd_test, reserved, held, device, checkpoint,
+                dataset.train if reads_clean_train is not None and reads_clean_train(cfg) else None)
     return out_dir
 
 
-def _defend(name, purify, cfg, work: Path, record: AttackRecord, model, dataset, bd_test, reserved, device,
-            checkpoint: Checkpoint) -> None:
+def _defend(name, purify, cfg, work: Path, record: AttackRecord, model, dataset, bd_test, reserved, held, device,
+            checkpoint: Checkpoint, clean_train: ImageSet | None) -> None:
+    """``reserved`` is None for an in-training defense: it trains a new model on ``held``, the poisoned
+    training set."""
     spec = dataset.spec
     logger = log_to_file(work / "defense.log")
     resumed = checkpoint.epochs_done()
@@ -254,20 +282,30 @@ def _defend(name, purify, cfg, work: Path, record: AttackRecord, model, dataset,
                 f", resuming after {resumed} finished epoch(s)" if resumed else "")
     log_config(logger, cfg.to_dict())
     write_yaml(work / "config.yaml", portable(cfg))
-    save_tensors(work / "reserved_index.safetensors", {"reserved_index": reserved})
-    logger.info("defender holds %d clean training images", len(reserved))
+    if reserved is not None:
+        save_tensors(work / "reserved_index.safetensors", {"reserved_index": reserved})
+        logger.info("defender holds %d clean training images", len(reserved))
+    else:
+        logger.info("in-training defense: a new model trains on the poisoned training set as given (%d images)",
+                    len(held))
 
     model = place_model(model, device)
     evaluator = Evaluator(dataset.test, bd_test, Normalizer(spec.mean, spec.std, device), device=device, amp=cfg.amp,
                           batch_size=cfg.eval_batch_size)
     before = evaluator(model)
     logger.info("attacked model: clean_acc=%.4f asr=%.4f ra=%.4f", before["clean_acc"], before["asr"], before["ra"])
-    clean = CleanData(dataset.train.subset(reserved), spec, device,
-                      crop_padding=cfg.random_crop_padding, hflip=cfg.random_hflip)
+    clean = DefenderData(held, spec, device, crop_padding=cfg.random_crop_padding, hflip=cfg.random_hflip,
+                         clean_train=clean_train)
+    if clean_train is not None:
+        logger.warning("this run reads the clean training set, outside the threat model (official behaviour, "
+                       "for comparison)")
+    if reserved is None:
+        seed_everything(cfg.random_seed)
+        model = place_model(create_model(cfg.model, spec.num_classes), device)  # trained from scratch
     epochs = getattr(cfg, "epochs", None)
     if not resumed and getattr(cfg, "batch_size", None) and epochs:
         announce_plan(logger, device, model, clean.loader(cfg.batch_size, cfg.random_seed), epochs=epochs,
-                      images_per_epoch=len(reserved), amp=cfg.amp, evaluations=-(-epochs // cfg.eval_every),
+                      images_per_epoch=len(held), amp=cfg.amp, evaluations=-(-epochs // cfg.eval_every),
                       eval_images=evaluator.num_images, cpu_hint=CPU_HINT)
 
     reporter = EpochReporter(evaluator, model, work, name, logger, epochs=epochs or 1,
@@ -281,14 +319,20 @@ def _defend(name, purify, cfg, work: Path, record: AttackRecord, model, dataset,
     after = evaluator(model)  # always the returned model, whatever the defense reported on the way
 
     save_tensors(work / "model.safetensors", model.state_dict())
+    wrapper = getattr(model, "wrapper_name", None)
+    if wrapper:  # the inner model alone, for comparison (PDB: without the defensive trigger)
+        inner = evaluator(model.unwrapped)
+        logger.info("without its %s wrapper: clean_acc=%.4f asr=%.4f ra=%.4f", wrapper, inner["clean_acc"],
+                    inner["asr"], inner["ra"])
     train_seconds = sum(r.get("train_seconds", 0.0) for r in reporter.rows)
     train_images = sum(r.get("train_seconds", 0.0) * r.get("train_images_per_s", 0.0) for r in reporter.rows)
     summary = {
         "clean_acc": after["clean_acc"], "asr": after["asr"], "ra": after["ra"],
         "der": der(before["clean_acc"], before["asr"], after["clean_acc"], after["asr"]),
         "attack_clean_acc": before["clean_acc"], "attack_asr": before["asr"], "attack_ra": before["ra"],
-        "reserved_size": len(reserved), **({"held_out_size": clean.held_out,
-                                             "train_size": len(reserved) - clean.held_out} if clean.held_out else {}),
+        **({"reserved_size": len(reserved)} if reserved is not None else {"training_set_size": len(held)}),
+        **({"held_out_size": clean.held_out, "train_size": len(held) - clean.held_out} if clean.held_out else {}),
+        **({f"without_wrapper_{k}": inner[k] for k in ("clean_acc", "asr", "ra")} if wrapper else {}),
         "epochs": epochs, "wall_seconds": wall,
         "train_seconds": train_seconds, "train_images_per_s": train_images / max(train_seconds, 1e-9),
         "eval_images_per_s": reporter.eval_images / max(reporter.eval_seconds, 1e-9), "device": str(device),
@@ -298,11 +342,13 @@ def _defend(name, purify, cfg, work: Path, record: AttackRecord, model, dataset,
         raise ValueError(f"defense {name} notes {sorted(clash)}, which the runner writes itself")
     summary.update(report._notes)
     if clean.held_out:
-        logger.info("the defense held out %d of the %d reserved images for validation", clean.held_out, len(reserved))
+        logger.info("the defense held out %d of the %d images it holds for validation", clean.held_out, len(held))
     write_json(work / "summary.json", summary)
+    files = [f for f in DEFENSE_FILES if reserved is not None or f != "reserved_index.safetensors"]
     write_manifest(work, {"kind": "defense", "defense": name, "model": cfg.model, "attack_record": cfg.result_file,
-                          "attack_record_sha256": record.sha256, "dataset": record.meta["dataset"]},
-                   DEFENSE_FILES + report._files)  # last: marks the output finished
+                          "attack_record_sha256": record.sha256, "dataset": record.meta["dataset"],
+                          **({"model_wrapper": wrapper} if wrapper else {})},
+                   files + report._files)  # last: marks the output finished
     (work / CHECKPOINT).unlink(missing_ok=True)
     logger.info("done: clean_acc=%.4f asr=%.4f ra=%.4f der=%.4f  (attacked: %.4f / %.4f) in %.1fs",
                 summary["clean_acc"], summary["asr"], summary["ra"], summary["der"], before["clean_acc"],

@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The D3 paper's Table 1 order (rows and column groups); "all" means every one of them that exists here.
 PAPER_ATTACKS = ["badnet", "blended", "wanet", "lf", "inputaware", "sig", "ssba"]
 PAPER_DEFENSES = ["ft", "anp", "fp", "nc", "nad", "i-bau", "ft-sam", "sau", "d3"]
+IN_TRAINING = {"pdb"}  # defenses that train a new model on the poisoned set: an attack's cost, not a fine-tune's
 CLEAN_ATTACKS = {"prototype"}  # a clean model: no backdoor to remove, so no defense runs on it
 
 LONG_SCHEDULE = 50  # presets scale defense schedules this long or longer (FT, FT-SAM, FP, D3: 100 epochs; SAU: 100 rounds)
@@ -88,14 +89,19 @@ PRESETS = {
 def defense_flags(defense: str, preset: Preset, epochs: int | None = None) -> list[str]:
     """The flags that size a defense run: its own schedule (``config/defense/<name>/config.yaml``),
     long ones scaled by the preset, or exactly ``epochs`` when given; the preset's cuts; and
-    ``preset.evaluations`` evaluations."""
+    ``preset.evaluations`` evaluations. An in-training defense (PDB) trains a new model, so a
+    scaled-down preset gives it the attack's schedule (epochs and learning rate) instead."""
     config = read_yaml(ROOT / "config" / "defense" / defense / "config.yaml")
     cuts = preset.cuts.get(defense, {})
     flags = [f for k, v in cuts.items() for f in (f"--{k}", str(v))]
     if "epochs" not in config:
         return flags
     n = int(config["epochs"]) if epochs is None else epochs
-    if epochs is None and n >= LONG_SCHEDULE:
+    attack = _flag_values(preset.attack_flags)
+    if defense in IN_TRAINING and preset.defense_scale < 1 and epochs is None and "epochs" in attack:
+        n = int(attack["epochs"])
+        flags += ["--lr", attack["lr"]] if "lr" in attack else []
+    elif epochs is None and n >= LONG_SCHEDULE:
         n = max(1, round(n * preset.defense_scale))
     return ["--epochs", str(n), "--eval_every", str(max(1, n // preset.evaluations))] + flags
 
