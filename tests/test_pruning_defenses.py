@@ -153,3 +153,23 @@ def test_purify_receives_no_test_data_poison_index_or_trigger(tiny_data, tiny_re
     run_defense("spy", spy, None, ["--result_file", "badnet", *run_args(tiny_data, tmp_path), "--epochs", "1",
                                    "--ratio", "0.5", "--random_seed", "0", "--batch_size", "8"])
     assert record.meta and not found
+
+
+def test_test_set_rule_reports_what_backdoorbench_would_have_chosen(pruned, tiny_data):
+    """The comparison script (not a defense) reads the saved masks and ranking against the test sets."""
+    import importlib.util
+    from conftest import ROOT
+    spec = importlib.util.spec_from_file_location("test_set_rule", ROOT / "sh" / "test_set_rule.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = module.main(["--record_dir", str(pruned.parent), "--result_file", "badnet",
+                        "--dataset_path", str(tiny_data["pickles"]), "--device", "cpu"])
+    anp_part, fp_part = text.split("\n\n")
+    summary = json.loads((pruned / "defense" / "anp" / "summary.json").read_text())
+    threshold_rows = [ln for ln in anp_part.splitlines()[2:]]
+    assert len(threshold_rows) == 19 and any("held-out rule (ours)" in ln for ln in threshold_rows)
+    ours = next(ln for ln in threshold_rows if "held-out rule (ours)" in ln)
+    assert float(ours.split()[0]) == summary["threshold"]
+    fp_summary = json.loads((pruned / "defense" / "fp" / "summary.json").read_text())
+    assert f"held-out rule (ours)       {fp_summary['pruned_channels']:>7}" in fp_part
+    assert "BackdoorBench's test rule" in fp_part
