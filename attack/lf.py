@@ -86,7 +86,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from models import create_model  # noqa: E402
-from utils.attack import Attack, register_attack, run_attack  # noqa: E402
+from utils.attack import Attack, new_model, register_attack, run_attack  # noqa: E402
 from utils.backdoor import random_subset  # noqa: E402
 from utils.config import resolve_device, seed_everything  # noqa: E402
 from utils.data import BatchLoader, Normalizer, default_cache_dir, tensor_fingerprint  # noqa: E402
@@ -333,7 +333,7 @@ class LowFrequency(Attack):
 
         device = resolve_device(cfg.device)
         if weights is not None:
-            model = create_model(cfg.model, spec.num_classes)
+            model = create_model(cfg.model, spec.num_classes, pretrained=False)
             load_into(model, load_weights(weights), str(weights))
             model = place_model(model, device)
             logger.info("lf trigger: clean model from %s", weights)
@@ -384,7 +384,7 @@ def _trained_clean_model(cfg, spec, dataset, device, root: Path, settings: dict)
     """A clean ``cfg.model`` trained as the attack trains (same settings, clean data), cached by its settings."""
     logger = _logger()
     cache = root / "clean_models" / f"{spec.name}_{cfg.model}-{_key(settings)}.safetensors"
-    model = create_model(cfg.model, spec.num_classes)
+    model = create_model(cfg.model, spec.num_classes, pretrained=False)
     if cache.is_file():
         try:
             load_into(model, load_tensors(cache), str(cache))
@@ -395,7 +395,7 @@ def _trained_clean_model(cfg, spec, dataset, device, root: Path, settings: dict)
     logger.info("lf trigger: training a clean %s for %d epochs on %d clean images (skip this with "
                 "--lf_clean_model_path or --lowFrequencyPatternPath)", cfg.model, cfg.epochs, len(dataset.train))
     seed_everything(cfg.random_seed)
-    model = place_model(create_model(cfg.model, spec.num_classes), device)
+    model = place_model(new_model(cfg, spec), device)
     optimizer = build_optimizer(model.parameters(), cfg)
     scheduler = build_scheduler(optimizer, cfg, cfg.epochs)
     loader = BatchLoader(dataset.train, cfg.batch_size, Normalizer(spec.mean, spec.std, device), device=device,

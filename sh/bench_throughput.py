@@ -85,7 +85,7 @@ def main() -> None:
     spec = dataset.spec
 
     def fresh():
-        model = create_model(a.model, spec.num_classes).to(device).to(memory_format=torch.channels_last)
+        model = create_model(a.model, spec.num_classes, pretrained=False).to(device).to(memory_format=torch.channels_last)
         return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
     results = {}

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> str:
     if dataset.fingerprint != record.meta["dataset"]["fingerprint"]:
         raise UserError(f"the data at {args.dataset_path} is not the data the attack used; pass its --dataset_path")
     dataset = load_train_set(record, dataset)
-    model = create_model(record.meta["model"], dataset.spec.num_classes)
+    model = create_model(record.meta["model"], dataset.spec.num_classes, pretrained=False)
     load_into(model, load_tensors(record.dir / "model.safetensors"), str(record.dir / "model.safetensors"))
     model = place_model(model, device).eval()
     normalizer = Normalizer(dataset.spec.mean, dataset.spec.std, device)

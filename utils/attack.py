@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from models import create_model, list_models
+from models import create_model, is_model, list_models
 from utils.backdoor import (LABEL_TRANSFORMS, BackdoorTestSet, backdoor_test_set, balanced_subset,
                             poison_train_set, select_poison_indices, stream_generator)
 from utils.config import (CONFIG_DIR, Config, add_common_arguments, check_range, check_training, new_parser,
@@ -49,7 +49,7 @@ from utils.train import build_optimizer, build_scheduler, cross_entropy_loss, fi
 
 # Machine-local settings: logged, but kept out of records so that a record is portable.
 LOCAL_KEYS = ("dataset_path", "cache_dir", "record_dir", "yaml_path", "bd_yaml_path", "index", "overwrite",
-              "resume")
+              "resume", "pretrained_path")
 # Settings that may change when a run is resumed without changing its result.
 RESUMABLE_KEYS = LOCAL_KEYS + ("device", "num_workers", "eval_batch_size", "eval_every", "amp")
 
@@ -142,8 +142,8 @@ def _validate(cfg: Config, spec: DatasetSpec) -> None:
     require(cfg, "save_folder_name", "pratio", "attack_target", "attack_label_trans", "model", "epochs",
             "batch_size", "lr", "random_seed", "lr_scheduler", "client_optimizer", "sgd_momentum", "wd")
     check_training(cfg)
-    if cfg.model not in list_models():
-        raise UserError(f"unknown model {cfg.model!r}; choose one of: {', '.join(list_models())}")
+    if not is_model(cfg.model):
+        raise UserError(f"unknown model {cfg.model!r}; choose one of: {', '.join(list_models())}, or timm/<name>")
     check_range("pratio", cfg.pratio, 0.0, 1.0)
     if not 0 <= cfg.attack_target < spec.num_classes:
         raise UserError(f"--attack_target {cfg.attack_target} is not a class of {spec.name} "
@@ -152,6 +152,11 @@ def _validate(cfg: Config, spec: DatasetSpec) -> None:
         raise UserError(f"--attack_label_trans {cfg.attack_label_trans!r}; choose all2one or all2all")
     if "/" in cfg.save_folder_name or cfg.save_folder_name in ("", ".", ".."):
         raise UserError(f"--save_folder_name {cfg.save_folder_name!r} must be a plain folder name")
+
+
+def new_model(cfg: Config, spec: DatasetSpec) -> torch.nn.Module:
+    """The model a run trains from its start: random, or pretrained from ``--pretrained_path``."""
+    return create_model(cfg.model, spec.num_classes, pretrained=cfg.pretrained, pretrained_path=cfg.pretrained_path)
 
 
 def portable(cfg: Config, local_keys: tuple[str, ...] = ()) -> dict:
@@ -182,6 +187,9 @@ def run_attack(attack: type[Attack], argv=None) -> Path:
     cfg.attack = attack.name
     spec = get_spec(cfg.dataset)
     _validate(cfg, spec)
+    if cfg.pretrained_path is None:
+        with torch.device("meta"):  # an unknown model or a pretrained start without its file: before any write
+            new_model(cfg, spec)
     setup_logging()
     device = resolve_device(cfg.device)
 
@@ -241,7 +249,7 @@ def _train(attack, cfg, spec, dataset, device, work: Path, checkpoint: Checkpoin
                 len(poisoned), len(bd_test))
 
     seed_everything(cfg.random_seed)
-    model = place_model(create_model(cfg.model, spec.num_classes), device)
+    model = place_model(new_model(cfg, spec), device)
     optimizer = build_optimizer(model.parameters(), cfg)
     scheduler = build_scheduler(optimizer, cfg, cfg.epochs)
     normalizer = Normalizer(spec.mean, spec.std, device)

@@ -54,7 +54,12 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset_path", type=str, help="dataset folder or .zip (see README)")
     g.add_argument("--cache_dir", type=str, help="where decoded datasets are cached "
                    "(default: $BACKDOOR_CACHE_DIR or ~/.cache/backdoor-toolkit)")
-    g.add_argument("--model", type=str, help="model name, e.g. preactresnet18, preactresnet18_w16")
+    g.add_argument("--model", type=str, help="model name, e.g. preactresnet18, preactresnet18_w16, vgg19_bn, "
+                   "vit_b_16, or timm/<name> for any timm model")
+    g.add_argument("--pretrained", type=str2bool, help="start from pretrained weights (vit_b_16: true by default, "
+                   "read from --pretrained_path; false trains from scratch)")
+    g.add_argument("--pretrained_path", type=str, help="local weights file (.pth state dict or .safetensors, read "
+                   "safely), e.g. torchvision's vit_b_16-c867db91.pth; no model hub is reached")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch_size", type=int)
     g.add_argument("--lr", type=float)
@@ -83,7 +88,8 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
 COMMON_DEFAULTS = {
     "dataset_path": "./data", "cache_dir": None, "record_dir": "record", "device": "auto", "amp": True,
     "num_workers": 4, "eval_every": 1, "eval_batch_size": 512, "random_crop_padding": 0, "random_hflip": False,
-    "overwrite": False, "resume": False, "index": None, "train_subset": None,
+    "overwrite": False, "resume": False, "index": None, "train_subset": None, "pretrained": None,
+    "pretrained_path": None,
     "steplr_milestones": [], "steplr_stepsize": 30, "steplr_gamma": 0.1, "cos_t_max": None,
 }
 

@@ -32,8 +32,8 @@ from typing import Callable
 import torch
 
 from models import create_model
-from utils.attack import (RESUMABLE_KEYS, AttackRecord, load_attack_record, load_train_set, poisoned_train_set,
-                          portable, rebuild_backdoor_test)
+from utils.attack import (RESUMABLE_KEYS, AttackRecord, load_attack_record, load_train_set, new_model,
+                          poisoned_train_set, portable, rebuild_backdoor_test)
 from utils.config import (CONFIG_DIR, Config, add_common_arguments, check_range, check_training, new_parser,
                           require, resolve_config, resolve_device, seed_everything, str2bool)
 from utils.backdoor import balanced_subset, random_subset
@@ -255,7 +255,7 @@ def run_defense(name: str, purify: Purify, add_arguments: Callable | None = None
         raise UserError(f"the data at {cfg.dataset_path} (fingerprint {dataset.fingerprint}) is not the data the "
                         f"attack used ({meta['dataset']['fingerprint']}); pass the --dataset_path the attack used")
     dataset = load_train_set(record, dataset)
-    model = create_model(cfg.model, dataset.spec.num_classes)
+    model = create_model(cfg.model, dataset.spec.num_classes, pretrained=False)  # the record's weights follow
     load_into(model, load_tensors(record.dir / "model.safetensors"), str(record.dir / "model.safetensors"))
     if validate is not None:
         validate(cfg, model)
@@ -301,7 +301,7 @@ def _defend(name, purify, cfg, work: Path, record: AttackRecord, model, dataset,
                        "for comparison)")
     if reserved is None:
         seed_everything(cfg.random_seed)
-        model = place_model(create_model(cfg.model, spec.num_classes), device)  # trained from scratch
+        model = place_model(new_model(cfg, spec), device)  # trained from its start, as the attack was
     epochs = getattr(cfg, "epochs", None)
     if not resumed and getattr(cfg, "batch_size", None) and epochs:
         announce_plan(logger, device, model, clean.loader(cfg.batch_size, cfg.random_seed), epochs=epochs,

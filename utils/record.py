@@ -214,7 +214,7 @@ def load_model(folder: Path) -> torch.nn.Module:
         raise UserError(f"{folder} holds no finished attack record or defense output (no record.json of either kind)")
     meta = read_manifest(folder, kind)
     data = meta["dataset"]
-    model = create_model(meta["model"], data["num_classes"])
+    model = create_model(meta["model"], data["num_classes"], pretrained=False)  # the saved weights follow
     if meta.get("model_wrapper"):
         model = wrap_model(meta["model_wrapper"], model, data["num_classes"], data["image_size"])
     load_into(model, load_tensors(Path(folder) / "model.safetensors"), str(Path(folder) / "model.safetensors"))
