@@ -188,3 +188,27 @@ def test_submitit_local_executor_orders_and_reports_failures(tiny_data, tmp_path
             > (records / "t_badnet_s0" / "record.json").stat().st_mtime)
     order = [label for _, label in parsed]
     assert order.index("ft on t_badnet_s0") > order.index("attack t_badnet_s0")
+
+
+def test_slurm_submits_the_attack_array_then_the_defense_array_after_it(tiny_data, tmp_path, capsys, monkeypatch):
+    """submitit's SLURM executor against stand-in sbatch / srun commands: the attacks go as one job
+    array, the defenses as a second one that waits for the first (afterany)."""
+    pytest.importorskip("submitit")
+    bin_dir, sent = tmp_path / "bin", tmp_path / "sent"
+    bin_dir.mkdir()
+    sent.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\nn=$(ls {sent} | wc -l); n=$((n + 700))\n'
+                                    f'for last; do :; done; cp "$last" {sent}/$n.sh; echo "Submitted batch job $n"\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    code = launch.main(sweep_argv(tiny_data, tmp_path / "records", "--attacks", "badnet,sig", "--defenses", "ft,d3",
+                                  "--executor", "slurm", "--slurm_partition", "gpu", "--no_wait"))
+    out = capsys.readouterr().out
+    assert code == 0 and "job 700_1" in out and "job 701_3" in out
+    attacks, defenses = (sent / "700.sh").read_text(), (sent / "701.sh").read_text()
+    assert "#SBATCH --array=0-1%" in attacks and "--dependency" not in attacks and "#SBATCH --partition=gpu" in attacks
+    assert "#SBATCH --array=0-3%" in defenses and "#SBATCH --dependency=afterany:700" in defenses
+    assert "#SBATCH --gpus-per-node=1" in defenses
