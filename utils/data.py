@@ -1,18 +1,30 @@
 """Datasets as uint8 tensors, decoded once and cached; batches made and augmented on the device.
 
-Accepted sources for ``--dataset_path`` (checked in this order):
+Accepted sources for ``--dataset_path`` (checked in this order; ``<dataset>/`` below it is tried too,
+BackdoorBench's ``<dataset_path>/<dataset>`` layout):
   * a ``.zip`` of an image-folder tree ``[<prefix>/]{train,test}/<class>/<image>``;
-  * a folder holding the torchvision CIFAR-10 pickles (``data_batch_1`` .. ``test_batch``),
-    directly or in ``cifar-10-batches-py/`` (optionally under ``<dataset>/``, BackdoorBench's layout);
-  * a folder holding an image-folder tree ``{train,test}/<class>/<image>`` (optionally under ``<dataset>/``).
+  * CIFAR-10: a folder holding the torchvision pickles (``data_batch_1`` .. ``test_batch``), directly
+    or in ``cifar-10-batches-py/``;
+  * GTSRB: BackdoorBench's ``Train/<00000..00042>/`` (images and ``GT-<class>.csv``) and ``Test/``
+    (images and ``GT-final_test.csv``); or the official archives extracted,
+    ``[GTSRB/]Final_Training/Images/<00000..00042>/`` and ``[GTSRB/]Final_Test/Images/`` with
+    ``GT-final_test.csv`` (from ``GTSRB_Final_Test_GT.zip``) beside the test images or above them;
+  * Tiny-ImageNet: ``[tiny-imagenet-200/]`` with ``train/<wnid>/images/``, ``wnids.txt`` and
+    ``val/images/`` + ``val/val_annotations.txt`` (or ``val/<wnid>/``, as BackdoorBench's download
+    leaves it); the validation set is the test set, as in BackdoorBench;
+  * a folder holding an image-folder tree ``{train,test}/<class>/<image>``.
 For CIFAR-10 a missing folder is filled by torchvision's download when the network allows.
 
-Class indices follow the sorted class-folder names, which for CIFAR-10 is the standard order.
-Decoded tensors go to a cache file (safetensors) under ``--cache_dir``; its key is the source's
-path, sizes and modification times, so an edited source is decoded again.
+Class indices follow the sorted class-folder names, which for CIFAR-10 is the standard order; GTSRB
+classes are the numeric class ids, Tiny-ImageNet's the sorted wnids (BackdoorBench's ImageFolder).
+Images are resized to the dataset's size with PIL bilinear interpolation, as torchvision's
+``Resize`` on a PIL image does in BackdoorBench (GTSRB: the whole image, no ROI crop).
+Decoded tensors go to a cache file (safetensors) under ``--cache_dir``; its key is the layout, the
+source's path and its files' sizes and modification times, so an edited source is decoded again.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
@@ -22,6 +34,8 @@ import pickle
 import re
 import shutil
 import zipfile
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -165,17 +179,323 @@ def _split_entries(names: list[str]):
     return found[roots[0]]
 
 
-def _read_image_tree(entries: dict, read_bytes, size: int, desc: str):
-    classes = sorted({c for _, c in entries})
-    if sorted({c for s, c in entries if s == "test"}) != classes or \
-            sorted({c for s, c in entries if s == "train"}) != classes:
+def _decode_workers() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
+
+
+DECODE_CHUNK = 256  # images per decoding task
+
+
+def _read_source_bytes(read_bytes, name, where: str) -> bytes:
+    try:
+        return read_bytes(name)
+    except (OSError, KeyError) as e:
+        raise UserError(f"cannot read {where} ({e}); check that the file is there and readable") from e
+
+
+def _decode_checked(data: bytes, size: int, where: str, exact_for: str | None) -> np.ndarray:
+    """:func:`_decode_image`, or, when ``exact_for`` names a dataset whose images all have the size
+    already, the image as it is, refusing any other size."""
+    if exact_for is None:
+        return _decode_image(data, size, where)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.size != (size, size):
+                raise UserError(f"image {where} is {img.size[0]}x{img.size[1]}, but {exact_for} images are all "
+                                f"{size}x{size}; replace it with the original file")
+            return np.asarray(img.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"cannot decode image {where} ({e}); remove or replace the file") from e
+
+
+def _decode_all(items: list, read_bytes, size: int, desc: str, exact_for: str | None = None,
+                read_in_workers: bool = True) -> np.ndarray:
+    """Decode ``items`` (``(name, where)``: ``read_bytes(name)`` gives the file, ``where`` names it in
+    errors) into uint8 ``[N, 3, size, size]``, in order. Chunks are decoded on a few threads (Pillow
+    releases the GIL while it decodes and resizes); a failure raises one image's :class:`UserError`
+    (the first failing one in order when the workers read the files). ``read_in_workers=False`` reads
+    on the calling thread instead (a ``ZipFile`` is one shared handle)."""
+    n = len(items)
+    images = np.empty((n, 3, size, size), dtype=np.uint8)
+
+    def decode_range(lo: int, hi: int, blobs) -> int:
+        for i in range(lo, hi):
+            name, where = items[i]
+            data = blobs[i - lo] if blobs is not None else _read_source_bytes(read_bytes, name, where)
+            images[i] = _decode_checked(data, size, where, exact_for)
+        return hi - lo
+
+    chunks = [(lo, min(lo + DECODE_CHUNK, n)) for lo in range(0, n, DECODE_CHUNK)]
+    workers = _decode_workers()
+    with progress(total=n, desc=desc, leave=False, mininterval=1.0, unit="img") as bar:
+        if workers == 1 or len(chunks) <= 1:
+            for lo, hi in chunks:
+                bar.update(decode_range(lo, hi, None))
+            return images
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
+        pending: deque = deque()
+        try:
+            for lo, hi in chunks:
+                blobs = None if read_in_workers else \
+                    [_read_source_bytes(read_bytes, *items[i]) for i in range(lo, hi)]
+                pending.append(pool.submit(decode_range, lo, hi, blobs))
+                while len(pending) >= 2 * workers:  # a bounded window: memory stays small for read-ahead
+                    bar.update(pending.popleft().result())
+            while pending:
+                bar.update(pending.popleft().result())
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return images
+
+
+def _class_order(names, numeric: bool) -> list[str]:
+    """Sorted class names; by number when ``numeric`` and every name is one (GTSRB's class ids)."""
+    names = set(names)
+    if numeric and all(n.isdigit() for n in names):
+        return sorted(names, key=lambda n: (int(n), n))
+    return sorted(names)
+
+
+def _read_image_tree(entries: dict, read_bytes, size: int, desc: str, numeric_classes: bool = False,
+                     read_in_workers: bool = True):
+    classes = _class_order({c for _, c in entries}, numeric_classes)
+    if sorted({c for s, c in entries if s == "test"}) != sorted(classes) or \
+            sorted({c for s, c in entries if s == "train"}) != sorted(classes):
         raise UserError(f"{desc}: train/ and test/ must hold the same class folders")
     out = []
     for split in ("train", "test"):
         items = [(name, k) for k, c in enumerate(classes) for name in sorted(entries[(split, c)])]
-        images = np.empty((len(items), 3, size, size), dtype=np.uint8)
-        for i, (name, _) in enumerate(progress(items, desc=f"decode {split}", leave=False, mininterval=1.0)):
-            images[i] = _decode_image(read_bytes(name), size, f"{name} in {desc}")
+        images = _decode_all([(name, f"{name} in {desc}") for name, _ in items], read_bytes, size,
+                             f"decode {split}", read_in_workers=read_in_workers)
+        out += [images, np.array([k for _, k in items], dtype=np.int64)]
+    return (*out, classes)
+
+
+def _names(folder: Path) -> set[str]:
+    """The entries of ``folder`` as spelled on disk (exact case, also on case-insensitive systems)."""
+    try:
+        return set(os.listdir(folder))
+    except OSError:
+        return set()
+
+
+def _has_dir(folder: Path, name: str) -> bool:
+    return name in _names(folder) and (folder / name).is_dir()
+
+
+def _is_image_name(name: str) -> bool:
+    """An image file name, not a hidden one (macOS leaves ``._<name>`` files in extracted archives)."""
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def _image_files(folder: Path) -> list[str]:
+    return sorted(n for n in _names(folder) if _is_image_name(n) and (folder / n).is_file())
+
+
+def _plain_name(name: str) -> bool:
+    return name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
+# GTSRB: 43 classes; CSVs are ``;``-separated: Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId.
+GTSRB_CLASSES = 43
+GTSRB_TEST_CSV = "GT-final_test.csv"
+
+
+def _gtsrb_test_csv(test_images: Path, root: Path) -> Path | None:
+    """The test labels: ``GT-final_test.csv`` beside the test images, one level up, or (official
+    archives extracted side by side) beside or above the ``GTSRB`` folder."""
+    for folder in dict.fromkeys([test_images, test_images.parent, root, root.parent]):
+        if GTSRB_TEST_CSV in _names(folder) and (folder / GTSRB_TEST_CSV).is_file():
+            return folder / GTSRB_TEST_CSV
+    return None
+
+
+def _gtsrb_dirs(kind: str, location: Path) -> tuple[Path, Path]:
+    if kind == "gtsrb_csv":  # BackdoorBench: <root>/Train/<class>/ and <root>/Test/
+        return location / "Train", location / "Test"
+    return location / "Final_Training" / "Images", location / "Final_Test" / "Images"
+
+
+def _read_gtsrb_csv(path: Path) -> list[tuple[str, int]]:
+    """(Filename, ClassId) rows of a GTSRB annotation file, in its order."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path} ({e}); restore it from the GTSRB archive") from e
+    reader = csv.reader(io.StringIO(text), delimiter=";")
+    header = next(reader, None)
+    header = [h.strip() for h in header] if header else []
+    if "Filename" not in header or "ClassId" not in header:
+        raise UserError(f"{path} has no Filename and ClassId columns; GTSRB annotations are ;-separated with the "
+                        f"header Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId (the test labels are "
+                        f"GT-final_test.csv from GTSRB_Final_Test_GT.zip, not GT-final_test.test.csv)")
+    fi, ci = header.index("Filename"), header.index("ClassId")
+    rows, seen = [], set()
+    for row in reader:
+        if not any(cell.strip() for cell in row):
+            continue
+        try:
+            name, class_id = row[fi].strip(), int(row[ci])
+        except (IndexError, ValueError):
+            raise UserError(f"{path} line {reader.line_num}: {';'.join(row)!r} is not a Filename;...;ClassId row; "
+                            f"fix or remove the line") from None
+        if not 0 <= class_id < GTSRB_CLASSES:
+            raise UserError(f"{path} line {reader.line_num}: ClassId {class_id} is not a GTSRB class "
+                            f"(0..{GTSRB_CLASSES - 1}); fix the line")
+        if not _plain_name(name) or name in seen:
+            raise UserError(f"{path} line {reader.line_num}: {name!r} is not a file name listed once; fix the line")
+        seen.add(name)
+        rows.append((name, class_id))
+    return rows
+
+
+def _check_listed(folder: Path, listed: list[str], annotations: Path) -> None:
+    """Every listed image is in ``folder`` and every image in ``folder`` is listed."""
+    present = set(_image_files(folder))
+    for name in listed:
+        if name not in present:
+            raise UserError(f"{annotations} lists {name}, which is not an image in {folder}; restore the image or "
+                            f"remove its line")
+    listed_set = set(listed)
+    for name in sorted(present):
+        if name not in listed_set:
+            raise UserError(f"{folder / name} is not listed in {annotations}; remove the image or add its line")
+
+
+def _read_gtsrb(kind: str, location: Path, size: int):
+    """GTSRB as BackdoorBench reads it: for each class id 0..42 the rows of ``GT-<class>.csv`` in its
+    order, then the rows of ``GT-final_test.csv``; labels are the CSVs' ClassId; every image resized
+    whole to ``size`` (bilinear), the ROI columns unused."""
+    train_dir, test_dir = _gtsrb_dirs(kind, location)
+    archive = "GTSRB_Final_Training_Images.zip"
+    if not train_dir.is_dir():
+        raise UserError(f"{train_dir} is missing; it must hold GTSRB's class folders 00000..00042 ({archive})")
+    expected = [f"{c:05d}" for c in range(GTSRB_CLASSES)]
+    for name in sorted(_names(train_dir)):
+        if (train_dir / name).is_dir() and name not in expected and not name.startswith("."):
+            raise UserError(f"{train_dir / name} is not a GTSRB class folder (00000..00042); remove or rename it")
+    train = []
+    for c, name in enumerate(expected):
+        folder = train_dir / name
+        if not _has_dir(train_dir, name):
+            raise UserError(f"{folder} is missing; GTSRB's training images need all 43 class folders 00000..00042 "
+                            f"({archive})")
+        annotations = folder / f"GT-{name}.csv"
+        if not annotations.is_file():
+            raise UserError(f"{annotations} is missing; each GTSRB class folder needs its GT-<class>.csv ({archive})")
+        rows = _read_gtsrb_csv(annotations)
+        for file, class_id in rows:
+            if class_id != c:
+                raise UserError(f"{annotations}: {file} has ClassId {class_id} in the folder of class {c}; fix the "
+                                f"line or move the image")
+        _check_listed(folder, [f for f, _ in rows], annotations)
+        train += [(folder / f, k) for f, k in rows]
+    if not test_dir.is_dir():
+        raise UserError(f"{test_dir} is missing; it must hold GTSRB's test images (GTSRB_Final_Test_Images.zip) and "
+                        f"{GTSRB_TEST_CSV}")
+    test_csv = _gtsrb_test_csv(test_dir, location)
+    if test_csv is None:
+        raise UserError(f"{GTSRB_TEST_CSV} (the test labels, from GTSRB_Final_Test_GT.zip) is not in {test_dir} or one "
+                        f"level up; place it there")
+    rows = _read_gtsrb_csv(test_csv)
+    _check_listed(test_dir, [f for f, _ in rows], test_csv)
+    test = [(test_dir / f, k) for f, k in rows]
+    out = []
+    for split, items in (("train", train), ("test", test)):
+        images = _decode_all([(p, str(p)) for p, _ in items], Path.read_bytes, size, f"decode {split}")
+        out += [images, np.array([k for _, k in items], dtype=np.int64)]
+    return (*out, expected)
+
+
+# Tiny-ImageNet: 200 classes (wnids), 64x64 images; the labelled validation set is the test set.
+TINY_ANNOTATIONS = "val_annotations.txt"
+
+
+def _read_tiny(location: Path, size: int):
+    """``tiny-imagenet-200/`` as BackdoorBench reads it, torchvision ``ImageFolder`` on ``train/`` and
+    on ``val/`` sorted into class folders: classes are the **sorted** wnids (ImageFolder's order, not
+    ``wnids.txt``'s), images by class, then by folder and file name. ``val/images/`` with
+    ``val_annotations.txt`` gives the same order. Every image must be 64x64, as in the archive."""
+    train_dir, val_dir = location / "train", location / "val"
+    if not train_dir.is_dir():
+        raise UserError(f"{train_dir} is missing; Tiny-ImageNet needs train/<wnid>/images/ (tiny-imagenet-200.zip)")
+    folders = sorted(n for n in _names(train_dir) if (train_dir / n).is_dir() and not n.startswith("."))
+    wnids_file = location / "wnids.txt"
+    if wnids_file.is_file():
+        try:
+            wnids = [w.strip() for w in wnids_file.read_text().splitlines() if w.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read {wnids_file} ({e}); restore it from tiny-imagenet-200.zip") from e
+        if len(set(wnids)) != len(wnids):
+            raise UserError(f"{wnids_file} lists a wnid twice; restore it from tiny-imagenet-200.zip")
+        for w in wnids:
+            if w not in folders:
+                raise UserError(f"{train_dir / w} is missing: {wnids_file} lists {w}; restore its training images")
+        for f in folders:
+            if f not in wnids:
+                raise UserError(f"{train_dir / f} is not a class listed in {wnids_file}; remove it or list it")
+    else:
+        wnids = folders
+    classes = sorted(wnids)  # BackdoorBench's ImageFolder sorts the class folders
+    index = {w: k for k, w in enumerate(classes)}
+
+    train = []
+    for k, w in enumerate(classes):
+        files = sorted((str(p.parent), p.name) for p in (train_dir / w).rglob("*")
+                       if _is_image_name(p.name) and p.is_file())
+        if not files:
+            raise UserError(f"{train_dir / w} holds no images; restore train/{w}/images/ from tiny-imagenet-200.zip")
+        train += [(Path(parent) / name, k) for parent, name in files]
+
+    if not val_dir.is_dir():
+        raise UserError(f"{val_dir} is missing; Tiny-ImageNet's test set is val/images/ with val/{TINY_ANNOTATIONS} "
+                        f"(tiny-imagenet-200.zip)")
+    annotations = val_dir / TINY_ANNOTATIONS
+    test = []
+    if annotations.is_file():
+        images_dir = val_dir / "images"
+        try:
+            lines = annotations.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read {annotations} ({e}); restore it from tiny-imagenet-200.zip") from e
+        listed = {}
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) < 2:
+                raise UserError(f"{annotations} line {lineno}: {line!r} is not 'file<TAB>wnid<TAB>box...'; "
+                                f"fix the line")
+            name, wnid = fields[0].strip(), fields[1].strip()
+            if wnid not in index:
+                raise UserError(f"{annotations} line {lineno}: {wnid} is not one of the {len(classes)} classes "
+                                f"(wnids.txt, train/); fix the line")
+            if not _plain_name(name) or name in listed:
+                raise UserError(f"{annotations} line {lineno}: {name!r} is not a file name listed once; fix the line")
+            listed[name] = index[wnid]
+        _check_listed(images_dir, list(listed), annotations)
+        test = [(images_dir / name, k) for name, k in listed.items()]
+    else:
+        subfolders = sorted(n for n in _names(val_dir) if (val_dir / n).is_dir() and not n.startswith("."))
+        if not subfolders or subfolders == ["images"]:
+            raise UserError(f"{annotations} is missing; restore it from tiny-imagenet-200.zip (or sort val/ into "
+                            f"val/<wnid>/ folders)")
+        for w in subfolders:
+            if w not in index:
+                raise UserError(f"{val_dir / w} is not one of the {len(classes)} classes (wnids.txt, train/); "
+                                f"remove or rename it")
+            test += [(val_dir / w / name, index[w]) for name in _image_files(val_dir / w)]
+    test.sort(key=lambda item: (item[1], item[0].name))
+    out = []
+    for split, items in (("train", train), ("test", test)):
+        images = _decode_all([(p, str(p)) for p, _ in items], Path.read_bytes, size, f"decode {split}",
+                             exact_for="Tiny-ImageNet")
         out += [images, np.array([k for _, k in items], dtype=np.int64)]
     return (*out, classes)
 
@@ -187,26 +507,62 @@ def _find_source(spec: DatasetSpec, path: Path):
     if not path.is_dir():
         return None
     for folder in (path, path / spec.name):
-        for pickles in (folder, folder / "cifar-10-batches-py"):
-            if spec.name == "cifar10" and all((pickles / b).is_file() for b in CIFAR10_TRAIN_BATCHES + ["test_batch"]):
-                return "cifar_pickle", pickles
-        if (folder / "train").is_dir() and (folder / "test").is_dir():
+        if spec.name == "cifar10":
+            for pickles in (folder, folder / "cifar-10-batches-py"):
+                if all((pickles / b).is_file() for b in CIFAR10_TRAIN_BATCHES + ["test_batch"]):
+                    return "cifar_pickle", pickles
+        if spec.name == "gtsrb":
+            if _has_dir(folder, "Train"):
+                return "gtsrb_csv", folder
+            for root in (folder / "GTSRB", folder):
+                if _has_dir(root, "Final_Training"):
+                    return "gtsrb_official", root
+        if spec.name == "tiny":
+            for root in (folder / "tiny-imagenet-200", folder):
+                if _has_dir(root, "train") and (_has_dir(root, "val") or (root / "wnids.txt").is_file()):
+                    return "tiny_official", root
+        if _has_dir(folder, "train") and _has_dir(folder, "test"):
             return "folder", folder
     return None
 
 
 def _layout_help(spec: DatasetSpec, path: Path) -> str:
-    return (f"no {spec.name} data found at {path.resolve()}; give --dataset_path as one of: (1) a folder holding "
-            f"the CIFAR-10 pickles, cifar-10-batches-py/data_batch_1..5 and test_batch; (2) a folder holding "
-            f"train/<class>/ and test/<class>/ image folders; (3) a .zip of such a tree")
+    tree = ("a folder holding train/<class>/ and test/<class>/ image folders", "a .zip of such a tree")
+    layouts = {
+        "cifar10": ["a folder holding the CIFAR-10 pickles, cifar-10-batches-py/data_batch_1..5 and test_batch",
+                    *tree],
+        "gtsrb": ["BackdoorBench's layout, a folder holding Train/00000..00042/ (images and GT-<class>.csv) and "
+                  "Test/ (images and GT-final_test.csv)",
+                  "the official archives extracted, GTSRB/Final_Training/Images/00000..00042/ and "
+                  "GTSRB/Final_Test/Images/, with GT-final_test.csv (GTSRB_Final_Test_GT.zip) beside the test "
+                  "images or one level up",
+                  f"{tree[0]} (class folders named by class id 0..42)", tree[1]],
+        "tiny": ["tiny-imagenet-200/ as extracted from tiny-imagenet-200.zip (train/<wnid>/images/, wnids.txt, "
+                 "val/images/ with val/val_annotations.txt, or val/<wnid>/ as BackdoorBench's download leaves it)",
+                 *tree],
+    }[spec.name]
+    where = f" (directly or in {spec.name}/)" if spec.name != "cifar10" else ""
+    return (f"no {spec.name} data found at {path.resolve()}; give --dataset_path as one of{where}: "
+            + "; ".join(f"({i}) {text}" for i, text in enumerate(layouts, 1)))
+
+
+def _source_files(kind: str, location: Path) -> list[Path]:
+    """The files a source is read from, for its cache key: the layout's folder (or zip), plus the
+    GTSRB test labels when they lie beside the folder."""
+    files = [location] if location.is_file() else sorted(p for p in location.rglob("*") if p.is_file())
+    if kind in ("gtsrb_csv", "gtsrb_official"):
+        test_csv = _gtsrb_test_csv(_gtsrb_dirs(kind, location)[1], location)
+        if test_csv is not None and location.resolve() not in test_csv.resolve().parents:
+            files.append(test_csv)
+    return files
 
 
 def _source_key(kind: str, location: Path) -> str:
     h = hashlib.sha256(f"{CACHE_VERSION}|{kind}|{location.resolve()}".encode())
-    files = [location] if location.is_file() else sorted(p for p in location.rglob("*") if p.is_file())
-    for p in files:
+    for p in _source_files(kind, location):
         st = p.stat()
-        h.update(f"|{p.relative_to(location) if p != location else p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        name = p.relative_to(location) if location in p.parents else (p.name if p == location else p.resolve())
+        h.update(f"|{name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:20]
 
 
@@ -217,17 +573,22 @@ def default_cache_dir() -> Path:
 def _decode(spec: DatasetSpec, kind: str, location: Path):
     if kind == "cifar_pickle":
         return _read_cifar10_pickles(location)
+    if kind in ("gtsrb_csv", "gtsrb_official"):
+        return _read_gtsrb(kind, location, spec.image_size)
+    if kind == "tiny_official":
+        return _read_tiny(location, spec.image_size)
+    numeric = spec.name == "gtsrb"  # GTSRB's class folders are class ids: 0..42 in numeric order
     if kind == "zip":
         with zipfile.ZipFile(location) as zf:
             entries = _split_entries([n for n in zf.namelist() if not n.endswith("/")])
             if entries is None:
                 raise UserError(f"{location} does not hold one train/<class>/ and test/<class>/ image tree")
-            return _read_image_tree(entries, zf.read, spec.image_size, str(location))
+            return _read_image_tree(entries, zf.read, spec.image_size, str(location), numeric, read_in_workers=False)
     names = [str(p.relative_to(location)) for p in location.rglob("*") if p.is_file()]
     entries = _split_entries(names)
     if entries is None:
         raise UserError(f"{location} does not hold train/<class>/ and test/<class>/ image folders")
-    return _read_image_tree(entries, lambda n: (location / n).read_bytes(), spec.image_size, str(location))
+    return _read_image_tree(entries, lambda n: (location / n).read_bytes(), spec.image_size, str(location), numeric)
 
 
 def _download_cifar10(path: Path) -> None:

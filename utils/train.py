@@ -58,10 +58,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg, epochs: int):
     if name == "steplr":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.steplr_stepsize,
                                                gamma=cfg.steplr_gamma)
+    if name == "reducelronplateau":  # BackdoorBench's Tiny-ImageNet prototype; stepped on the epoch's train loss
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
     if name in ("none", "constant"):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     raise UserError(f"unknown --lr_scheduler {cfg.lr_scheduler!r}; choose CosineAnnealingLR, MultiStepLR, "
-                    f"StepLR or none")
+                    f"StepLR, ReduceLROnPlateau or none")
 
 
 class EpochHook:
@@ -150,7 +152,9 @@ def fit(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer, schedu
         seconds = time.perf_counter() - start
         stats = {k: (v / max(seen, 1)).item() for k, v in sums.items()}
         stats.update(lr=lr, train_seconds=seconds, train_images_per_s=seen / max(seconds, 1e-9))
-        if not scheduler_per_batch:
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(stats.get("train_loss", 0.0))
+        elif not scheduler_per_batch:
             scheduler.step()
         if on_epoch_end is not None:
             on_epoch_end(epoch, stats)
