@@ -61,9 +61,11 @@ def select_layers(model: nn.Module, spec: str) -> list[tuple[str, nn.Module]]:
         chosen = []
         for name in (s.strip() for s in spec.split(",")):
             if name not in modules:
-                top = ", ".join(n for n in modules if n and "." not in n)
-                raise UserError(f"--select_layer_name {name!r} is not a module of the model; "
-                                f"top-level modules: {top} (or all_linear)")
+                linear = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+                shown = ", ".join(linear[-3:]) if len(linear) <= 3 else f"{len(linear) - 3} more ..., " + \
+                    ", ".join(linear[-3:])
+                raise UserError(f"--select_layer_name {name!r} is not a module of the model; its Linear layers: "
+                                f"{shown} (the last is its final classifier), or all_linear")
             chosen += [(f"{name}.{n}" if n else name, m) for n, m in modules[name].named_modules()
                        if isinstance(m, (nn.Linear, nn.Conv2d))]
     if not chosen:
