@@ -191,6 +191,14 @@ def read_pattern_file(path: Path, image_size: int) -> np.ndarray:
         arr = np.repeat(arr, 3, axis=2)
     if not np.isfinite(arr).all():
         raise UserError(f"trigger file {path} holds NaN or infinite values")
+    if arr.dtype.kind == "f" and arr.min() >= 0 and 0 < arr.max() <= 1:
+        # BackdoorBench's published VGG19-BN and ViT-B/16 files for CIFAR-10 are float 0..0.2, which it
+        # adds unscaled to 0..255 images: its trigger all but vanishes there.
+        _logger().warning("trigger file %s holds values in [0, 1] (max %.4g), the [0, 1] image scale; scaled to "
+                          "0..255 here (max %.4g). BackdoorBench adds such a file to 0..255 images unscaled, so "
+                          "its trigger all but vanishes and its figures for these files measure that",
+                          path, float(arr.max()), float(arr.max()) * 255)
+        return arr.astype(np.float64) * 255
     if arr.min() >= 0 and arr.max() < 1:
         raise UserError(f"trigger file {path} holds values in [0, 1) only (max {float(arr.max()):.4g}): added to "
                         f"uint8 images and truncated, as BackdoorBench does, it changes no pixel; give a pattern on "

@@ -122,7 +122,7 @@ def test_pickled_npy_is_refused_without_running_it(tmp_path, capsys, tiny_data):
     ("five.npy", np.zeros((1, 1, 32, 32, 3), np.uint8) + 5, "has shape 1x1x32x32x3"),
     ("empty.npy", np.zeros((0, 32, 32, 3), np.uint8), "has shape 0x32x32x3"),
     ("nan.npy", np.full((32, 32, 3), np.nan, np.float32), "NaN or infinite"),
-    ("unit.npy", np.full((1, 32, 32, 3), 0.2, np.float32), "changes no pixel"),
+    ("zero.npy", np.zeros((1, 32, 32, 3), np.float32), "changes no pixel"),
     ("text.npy", np.full((32, 32, 3), "a"), "must be numbers"),
     ("garbage.npy", b"this is not numpy", "is not a .npy file"),
     ("truncated.npy", "truncated", "the file is damaged"),
@@ -279,6 +279,25 @@ def test_published_file_loads_and_adds_as_backdoorbench():
     got = LowFrequency.apply_trigger(torch.from_numpy(images).permute(0, 3, 1, 2), {"pattern": by_file})
     assert np.array_equal(got.permute(0, 2, 3, 1).numpy(), expected)
     assert (expected[0] == np.minimum(250 + raw.astype(int), 255)).all()
+
+
+def test_unit_scale_files_are_scaled_with_a_warning():
+    """BackdoorBench's VGG19-BN and ViT-B/16 files are float 0..0.2 (the [0, 1] scale): read as 0..51."""
+    import logging
+    vgg = BB_DIR / "cifar10_vgg19_bn_0_255.npy"
+    if not vgg.is_file():
+        pytest.skip(f"BackdoorBench's resource files are not at {BB_DIR}")
+    raw = np.load(vgg, allow_pickle=False)
+    assert raw.dtype == np.float32 and float(raw.max()) == pytest.approx(0.2)
+    seen = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    lf._logger().addHandler(handler)
+    try:
+        arr = lf.read_pattern_file(vgg, 32)
+    finally:
+        lf._logger().removeHandler(handler)
+    assert np.allclose(arr, raw[0].astype(np.float64) * 255) and any("scaled to 0..255" in m for m in seen)
 
 
 # ----------------------------------------------------------------------------- end to end
