@@ -393,6 +393,8 @@ def run_pool(jobs: list[Job], slots: list[str | None], progress: Progress, poll_
                     cmd = command(job)
                 except JobFailed as e:
                     progress.failed(job, str(e))
+                    if job.kind == "attack":
+                        failed_records.add(job.record)
                     continue
                 if cmd is None:
                     progress.skipped(job)
@@ -418,6 +420,10 @@ def run_pool(jobs: list[Job], slots: list[str | None], progress: Progress, poll_
                         failed_records.add(job.record)
             if running:
                 time.sleep(poll_seconds)
+            elif pending and all(j.kind == "defense" and j.record not in finished | failed_records for j in pending):
+                for job in pending:  # cannot happen while every attack ends done or failed; never spin
+                    progress.failed(job, f"not started: its attack {job.record} did not finish")
+                pending.clear()
     except KeyboardInterrupt:
         for proc in running:
             proc.wait()  # each script saves its checkpoint and exits on the same Ctrl-C
