@@ -156,7 +156,8 @@ def _validate(cfg: Config, spec: DatasetSpec) -> None:
 
 def new_model(cfg: Config, spec: DatasetSpec) -> torch.nn.Module:
     """The model a run trains from its start: random, or pretrained from ``--pretrained_path``."""
-    return create_model(cfg.model, spec.num_classes, pretrained=cfg.pretrained, pretrained_path=cfg.pretrained_path)
+    return create_model(cfg.model, spec.num_classes, pretrained=getattr(cfg, "pretrained", None),
+                        pretrained_path=getattr(cfg, "pretrained_path", None))
 
 
 def portable(cfg: Config, local_keys: tuple[str, ...] = ()) -> dict:
