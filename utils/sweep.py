@@ -343,31 +343,35 @@ class Progress:
         return self.counts["FAILED"]
 
 
+def _command_or_report(job: Job, progress: Progress, finished: set[str], failed: set[str]) -> list[str] | None:
+    """The command that runs ``job`` now, or None once it is reported skipped (finished before) or
+    failed (refused, such as a finished record made with other settings); an attack's record is
+    added to ``finished`` or ``failed`` accordingly."""
+    try:
+        cmd = command(job)
+    except JobFailed as e:
+        progress.failed(job, str(e))
+        if job.kind == "attack":
+            failed.add(job.record)
+        return None
+    if cmd is None:
+        progress.skipped(job)
+        if job.kind == "attack":
+            finished.add(job.record)
+    return cmd
+
+
 def triage(jobs: list[Job], progress: Progress) -> tuple[list[Job], set[str], set[str]]:
-    """Report the jobs that are done (skipped) or cannot run (failed, such as a finished record made
-    with other settings); return the rest, the records finished already and the records that failed.
-    A defense of a record not yet finished is decided when its attack ends."""
+    """Report the jobs that are done (skipped) or cannot run (failed); return the rest, the records
+    finished already and the records that failed. A defense of a record not yet finished is decided
+    when its attack ends."""
     todo, finished, failed = [], set(), set()
     for job in jobs:  # attacks come first, so each defense's record is known by then
         if job.kind == "defense" and job.record in failed:
             progress.failed(job, f"not started: its attack {job.record} failed")
-            continue
-        if job.kind == "defense" and job.record not in finished:
+        elif (job.kind == "defense" and job.record not in finished) or \
+                _command_or_report(job, progress, finished, failed) is not None:
             todo.append(job)
-            continue
-        try:
-            cmd = command(job)
-        except JobFailed as e:
-            progress.failed(job, str(e))
-            if job.kind == "attack":
-                failed.add(job.record)
-            continue
-        if cmd is not None:
-            todo.append(job)
-            continue
-        progress.skipped(job)
-        if job.kind == "attack":
-            finished.add(job.record)
     return todo, finished, failed
 
 
@@ -389,17 +393,8 @@ def run_pool(jobs: list[Job], slots: list[str | None], progress: Progress, poll_
                 if job.kind == "defense" and job.record not in finished:
                     continue
                 pending.remove(job)
-                try:
-                    cmd = command(job)
-                except JobFailed as e:
-                    progress.failed(job, str(e))
-                    if job.kind == "attack":
-                        failed_records.add(job.record)
-                    continue
+                cmd = _command_or_report(job, progress, finished, failed_records)
                 if cmd is None:
-                    progress.skipped(job)
-                    if job.kind == "attack":
-                        finished.add(job.record)
                     continue
                 slot = free.pop(0)
                 env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": slot} if slot is not None else {}))
