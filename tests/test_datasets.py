@@ -215,20 +215,24 @@ def _break(name):
     }[name]
 
 
+def _assert_broken_is_one_line(dataset: str, source, edit, words: str, tmp_path) -> None:
+    """A copy of a good tree, broken by ``edit``, loads as one UserError line with ``words`` that names it."""
+    root = tmp_path / dataset
+    shutil.copytree(source, root)
+    edit(root)
+    with pytest.raises(UserError) as exc:
+        load_dataset(dataset, root, cache_dir=tmp_path / "cache")
+    message = str(exc.value)
+    assert words in message and "\n" not in message, message
+    assert str(root) in message  # names the file or folder
+
+
 @pytest.mark.parametrize("case", ["no class csv", "unknown class id", "class id of another folder",
                                   "missing class folder", "extra class folder", "test image not annotated",
                                   "annotated image missing", "no test labels", "labels without ClassId", "bad row",
                                   "corrupt image"])
 def test_gtsrb_broken_folder_is_one_clear_line(gtsrb, tmp_path, case):
-    root = tmp_path / "gtsrb"
-    shutil.copytree(gtsrb["backdoorbench"], root)
-    edit, words = _break(case)
-    edit(root)
-    with pytest.raises(UserError) as exc:
-        load_dataset("gtsrb", root, cache_dir=tmp_path / "cache")
-    message = str(exc.value)
-    assert words in message and "\n" not in message, message
-    assert str(root) in message  # names the file or folder
+    _assert_broken_is_one_line("gtsrb", gtsrb["backdoorbench"], *_break(case), tmp_path)
 
 
 def test_layout_help_lists_the_new_layouts(tmp_path):
@@ -342,15 +346,7 @@ def _break_tiny(name):
 @pytest.mark.parametrize("case", ["image of another size", "val image not annotated", "unknown wnid",
                                   "missing class", "no annotations"])
 def test_tiny_broken_folder_is_one_clear_line(tiny, tmp_path, case):
-    root = tmp_path / "t"
-    shutil.copytree(tiny["official"], root)
-    edit, words = _break_tiny(case)
-    edit(root)
-    with pytest.raises(UserError) as exc:
-        load_dataset("tiny", root, cache_dir=tmp_path / "cache")
-    message = str(exc.value)
-    assert words in message and "\n" not in message, message
-    assert str(root) in message
+    _assert_broken_is_one_line("tiny", tiny["official"], *_break_tiny(case), tmp_path)
 
 
 # ----------------------------------------------------------------------------- configs and the pipeline

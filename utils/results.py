@@ -420,9 +420,9 @@ def save_cost_figure(tables: list[Table], path: Path) -> bool:
         xs = range(len(t.defenses))
         ax.bar(xs, [t.cost(d) or 0 for d in t.defenses], color="#8fb3d9", label="mean over attacks")
         for row in t.rows:
-            ax.plot([x for x, d in zip(xs, t.defenses) if _mean(row.cells.get(d, Cell()).costs) is not None],
-                    [_mean(row.cells[d].costs) for d in t.defenses if _mean(row.cells.get(d, Cell()).costs) is not None],
-                    "o", ms=4, label=row.label)
+            points = [(x, c) for x, d in zip(xs, t.defenses) if d in row.cells
+                      for c in [_mean(row.cells[d].costs)] if c is not None]
+            ax.plot([x for x, _ in points], [c for _, c in points], "o", ms=4, label=row.label)
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
         ax.set_xticks(list(xs), t.defenses)
         ax.set_ylabel("wall time / FT's")
