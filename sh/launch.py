@@ -66,7 +66,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--defenses", default="all", help="comma-separated defense scripts, or all (or none)")
     g.add_argument("--seeds", type=_seeds, default=[0], help="comma-separated seeds; one record per attack and seed")
     g.add_argument("--preset", choices=sorted(PRESETS), default="paper",
-                   help="; ".join(f"{k}: {v.about}" for k, v in PRESETS.items()))
+                   help="; ".join(f"{k}: {v.about}" for k, v in PRESETS.items()).replace("%", "%%"))
     g.add_argument("--dataset", default="cifar10")
     g.add_argument("--dataset_path", default=None, help="dataset folder or .zip (default: the scripts' ./data)")
     g.add_argument("--model", default=None, help="model name (default: the preset's)")

@@ -193,3 +193,26 @@ def test_unsafe_checkpoint_is_refused_on_resume(capsys, tiny_data, tmp_path):
     expect_error(capsys, badnet.main, ["--save_folder_name", "evil", *run_args(tiny_data, tmp_path), *TINY,
                                        "--resume"], "refused to load")
     assert not sentinel.exists()
+
+
+def _script_mains():
+    import importlib.util
+    scripts = sorted((ROOT / "attack").glob("*.py")) + sorted((ROOT / "defense").glob("*.py")) + \
+        [ROOT / "sh" / f for f in ("launch.py", "results_table.py", "test_set_rule.py")]
+    for path in scripts:
+        if path.name == "__init__.py":
+            continue
+        spec = importlib.util.spec_from_file_location(f"_help_{path.parent.name}_{path.stem.replace('-', '_')}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield path, module.main
+
+
+def test_every_script_prints_its_help(capsys):
+    """``--help`` works for every script (argparse formats each help string, so one stray ``%`` in a
+    help text or a preset description breaks it), and names the script's own flags."""
+    for path, main in _script_mains():
+        with pytest.raises(SystemExit) as e:
+            main(["--help"])
+        out = capsys.readouterr().out
+        assert e.value.code == 0 and "usage:" in out, path
