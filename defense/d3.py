@@ -32,6 +32,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from models import model_layers  # noqa: E402
 from utils.config import str2bool  # noqa: E402
 from utils.defense import run_defense  # noqa: E402
 from utils.errors import UserError  # noqa: E402
@@ -47,7 +48,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--Lp", type=float, help="norm for the distance and the constraint (2 = Frobenius)")
     parser.add_argument("--select_layer_name", type=str,
                         help="theta_s: a module name (its Linear/Conv2d weights), several joined by commas, "
-                             "or all_linear for every nn.Linear")
+                             "or all_linear for every nn.Linear (default: the model's final classifier: "
+                             "linear, classifier.6, 1.heads.head)")
     parser.add_argument("--warm_up_method", type=str, help="re-initialisation: " + " | ".join(WARM_UP_METHODS))
     parser.add_argument("--train_mode", type=str2bool, help="BN layers in training mode during D3")
 
@@ -117,6 +119,8 @@ def d3_objective(logits, labels, weights, init_weights, lmd: float, eps: float, 
 
 
 def check_settings(cfg, model) -> None:
+    if cfg.select_layer_name is None:  # the model's final classifier (models/registry.py: ModelLayers)
+        cfg.select_layer_name = model_layers(cfg.model, model).classifier
     if cfg.lmd < 0 or cfg.eps < 0:
         raise UserError("--lmd and --eps must be non-negative")
     if cfg.warm_up_method not in WARM_UP_METHODS + ("random",):

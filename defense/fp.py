@@ -7,8 +7,11 @@ Networks", RAID 2018. Backdoor neurons tend to lie dormant on clean inputs, so:
        as clean accuracy stays within ``acc_ratio`` (10%) relative drop of the unpruned model's;
     3. fine-tune the pruned model (pruned channels held at zero) on the clean data.
 For PreAct-ResNet18 the channels are the 512 pooled layer4 features entering ``linear``, and pruning
-channel c zeroes column c of ``linear.weight``, as BackdoorBench does (``--prune_layer`` names the
-Linear layer for other models).
+channel c zeroes column c of ``linear.weight``, as BackdoorBench does. Each model names its layer
+(``ModelLayers.pruned``): VGG19-BN's is ``classifier.0``, whose 25,088 inputs (512 channels x 7 x 7
+after the adaptive pooling) BackdoorBench prunes one by one, as here. A ViT has no convolutional
+stage, so FP refuses it with one line; BackdoorBench prunes the features entering its head instead,
+which ``--prune_layer 1.heads.head`` reproduces.
 
 Defaults: BackdoorBench's ``fp`` settings for CIFAR-10 (config/defense/fp/config.yaml): 1% per step,
 10% allowed drop, fine-tuning 100 epochs, batch 256, SGD lr 0.01 momentum 0.9 wd 5e-4, cosine, the
@@ -39,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+from models import model_layers  # noqa: E402
 from utils.config import check_range  # noqa: E402
 from utils.defense import run_defense  # noqa: E402
 from utils.errors import UserError  # noqa: E402
@@ -50,10 +54,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--val_ratio", type=float, help="share of the reserved data held out for the stopping rule")
     parser.add_argument("--acc_ratio", type=float, help="largest allowed relative drop of held-out accuracy")
     parser.add_argument("--once_prune_ratio", type=float, help="share of the channels pruned per step")
-    parser.add_argument("--prune_layer", type=str, help="the Linear layer whose input channels are pruned")
+    parser.add_argument("--prune_layer", type=str, help="the Linear layer whose input channels are pruned (default: the model's: linear for "
+                        "PreAct-ResNet18, classifier.0 for VGG19-BN; none for a ViT)")
 
 
 def prune_layer(cfg, model) -> nn.Linear:
+    if cfg.prune_layer is None:  # the model's own (models/registry.py: ModelLayers.pruned)
+        cfg.prune_layer = model_layers(cfg.model, model).pruned
+        if cfg.prune_layer is None:
+            raise UserError(f"FP prunes the channels of the last convolutional stage and {cfg.model} has none; "
+                            f"to prune the features entering a Linear layer instead (BackdoorBench prunes those of "
+                            f"a ViT's head), name it with --prune_layer")
     layer = dict(model.named_modules()).get(cfg.prune_layer)
     if not isinstance(layer, nn.Linear):
         raise UserError(f"--prune_layer {cfg.prune_layer!r} is not a Linear layer of {cfg.model}; name the "

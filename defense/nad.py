@@ -19,7 +19,13 @@ optimiser settings; p 2; 5% reserved data with the attack's training augmentatio
 The attention layers, as the paper's Table 1 measured them: BackdoorBench's PreAct-ResNet18 branch
 distils the outputs of ``layer3`` (beta1 500), ``layer4`` (beta2 1000) and the global pooling (beta3
 1000). The pooled map is 1x1, so it normalises to a constant and that third term is always zero.
-The default is therefore ``--nad_layers layer3,layer4`` with betas 500 / 1000; ``--nad_layers``
+The default is therefore ``--nad_layers layer3,layer4`` with betas 500 / 1000 (each model names its
+own last two stages, ``ModelLayers.stages``; VGG19-BN: the last two convolutional stages, ViT: the
+last two encoder layers, whose [N, tokens, dim] outputs give an attention map over the tokens).
+BackdoorBench's VGG19-BN and ViT-B/16 branches distil one map only, the output of everything but the
+classifier: for 32-pixel images that is VGG's 1x1 map copied to 7x7 by the adaptive pooling, and for
+the ViT the resized input image itself, so their attention term is constant and NAD there is plain
+fine-tuning; here it distils feature maps that vary over positions. ``--nad_layers``
 takes up to three module names, paired in order with beta1..beta3 (the paper's own choice is
 ``layer2,layer3,layer4`` with 500 / 1000 / 1000). ``--teacher_model_loc`` loads a teacher from a
 safetensors file instead of fine-tuning one.
@@ -37,6 +43,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from models import model_layers  # noqa: E402
 from utils.config import require  # noqa: E402
 from utils.defense import run_defense  # noqa: E402
 from utils.errors import UserError  # noqa: E402
@@ -49,7 +56,8 @@ ATTENTION_EPS = 1e-6
 
 def add_arguments(parser) -> None:
     parser.add_argument("--te_epochs", type=int, help="epochs of the teacher's fine-tuning")
-    parser.add_argument("--nad_layers", type=str, help="up to three module names whose outputs are distilled")
+    parser.add_argument("--nad_layers", type=str, help="up to three module names whose outputs are distilled "
+                        "(default: the model's last two stages: layer3,layer4 for PreAct-ResNet18)")
     parser.add_argument("--beta1", type=float, help="weight of the first layer's attention loss")
     parser.add_argument("--beta2", type=float, help="weight of the second layer's attention loss")
     parser.add_argument("--beta3", type=float, help="weight of the third layer's attention loss")
@@ -59,7 +67,10 @@ def add_arguments(parser) -> None:
 
 
 def attention_map(activation: torch.Tensor, p: float) -> torch.Tensor:
-    """sum_c |a_c|^p over the channels, per sample, divided by its L2 norm over the positions."""
+    """sum_c |a_c|^p over the channels, per sample, divided by its L2 norm over the positions. A
+    transformer's [N, tokens, dim] output has its channels last: the map is then over the tokens."""
+    if activation.dim() == 3:
+        activation = activation.transpose(1, 2)[..., None]  # [N, dim, tokens, 1]
     am = activation.float().abs().pow(p).sum(1, keepdim=True)
     return am / (torch.linalg.vector_norm(am, dim=(2, 3), keepdim=True) + ATTENTION_EPS)
 
@@ -92,9 +103,13 @@ class StageOutputs:
 
 def attention_layers(cfg, model) -> list[str]:
     """The ``--nad_layers`` names, checked against the model."""
-    require(cfg, "te_epochs", "nad_layers")
+    require(cfg, "te_epochs")
     if cfg.te_epochs < 0:
         raise UserError(f"--te_epochs {cfg.te_epochs} must be 0 (keep the attacked model as teacher) or more")
+    if cfg.nad_layers is None:  # the model's last two feature stages (models/registry.py: ModelLayers)
+        cfg.nad_layers = ",".join(model_layers(cfg.model, model).stages) or None
+        if cfg.nad_layers is None:
+            raise UserError(f"{cfg.model} names no feature stages for NAD; name one to three modules with --nad_layers")
     layers = [n.strip() for n in str(cfg.nad_layers).split(",") if n.strip()]
     if not 1 <= len(layers) <= 3:
         raise UserError(f"--nad_layers {cfg.nad_layers!r}: name one to three modules, e.g. layer3,layer4")

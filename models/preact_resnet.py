@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.registry import register_model
+from models.registry import ModelLayers, register_model
 
 
 class PreActBlock(nn.Module):
@@ -63,22 +63,27 @@ class PreActResNet(nn.Module):
         return self.linear(torch.flatten(self.avgpool(out), 1))
 
 
-@register_model
+# D3's theta_s is ``linear`` (the official code's default); NAD distils layer3 and layer4, what
+# BackdoorBench measured; FP prunes the pooled layer4 channels entering ``linear``.
+LAYERS = ModelLayers(classifier="linear", stages=("layer3", "layer4"), pruned="linear")
+
+
+@register_model(layers=LAYERS)
 def preactresnet18(num_classes: int = 10, **kw) -> PreActResNet:
     return PreActResNet((2, 2, 2, 2), num_classes=num_classes, width=64, **kw)
 
 
-@register_model
+@register_model(layers=LAYERS)
 def preactresnet18_w32(num_classes: int = 10, **kw) -> PreActResNet:
     return PreActResNet((2, 2, 2, 2), num_classes=num_classes, width=32, **kw)
 
 
-@register_model
+@register_model(layers=LAYERS)
 def preactresnet18_w16(num_classes: int = 10, **kw) -> PreActResNet:
     return PreActResNet((2, 2, 2, 2), num_classes=num_classes, width=16, **kw)
 
 
-@register_model
+@register_model(layers=LAYERS)
 def preactresnet18_w8(num_classes: int = 10, **kw) -> PreActResNet:
     """Tiny variant for tests."""
     return PreActResNet((2, 2, 2, 2), num_classes=num_classes, width=8, **kw)

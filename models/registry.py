@@ -1,7 +1,9 @@
-"""A small model registry in the spirit of timm: each model file registers its constructors."""
+"""A small model registry in the spirit of timm: each model file registers its constructors, and
+with them the names of the layers that layer-based defenses work on (:class:`ModelLayers`)."""
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Callable
 
 import torch.nn as nn
@@ -9,11 +11,55 @@ import torch.nn as nn
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    if fn.__name__ in _MODELS:
-        raise ValueError(f"model {fn.__name__!r} registered twice")
-    _MODELS[fn.__name__] = fn
-    return fn
+@dataclass(frozen=True)
+class ModelLayers:
+    """Module names a model offers to the defenses that act on named layers; their defaults.
+
+    ``classifier``: the final Linear layer, D3's default theta_s (the paper's "weights of the linear
+    layers"; ``linear`` in PreAct-ResNet18). ``stages``: the outputs of the last two feature stages,
+    NAD's default attention maps. ``pruned``: the Linear layer whose inputs are the last
+    convolutional stage's pooled channels, which FP ranks and prunes; ``None`` where the model has no
+    convolutional stage (a ViT), so FP refuses with one line unless ``--prune_layer`` names a layer."""
+    classifier: str
+    stages: tuple[str, ...]
+    pruned: str | None
+
+
+_LAYERS: dict[str, ModelLayers] = {}
+
+
+def register_model(fn: Callable[..., nn.Module] | None = None, *, layers: ModelLayers | None = None):
+    """``@register_model`` or ``@register_model(layers=ModelLayers(...))``."""
+    def register(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if fn.__name__ in _MODELS:
+            raise ValueError(f"model {fn.__name__!r} registered twice")
+        _MODELS[fn.__name__] = fn
+        if layers is not None:
+            _LAYERS[fn.__name__] = layers
+        return fn
+    return register(fn) if fn is not None else register
+
+
+def model_layers(name: str, model: nn.Module) -> ModelLayers:
+    """The named layers of model ``name`` (built as ``model``): declared by its model file, or, for
+    ``timm/<name>``, read from timm's own metadata (``pretrained_cfg["classifier"]`` and
+    ``feature_info``). A model that declares none gets its last Linear layer as classifier only."""
+    from utils.errors import UserError
+    if name in _LAYERS:
+        return _LAYERS[name]
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    classifier = None
+    if name.startswith("timm/"):
+        classifier = getattr(model, "pretrained_cfg", {}).get("classifier")
+        classifier = classifier[0] if isinstance(classifier, (tuple, list)) else classifier
+    classifier = classifier or (linear[-1] if linear else None)
+    if classifier is None:
+        raise UserError(f"model {name!r} has no Linear layer to act on; name the layers explicitly")
+    stages = tuple(f["module"] for f in getattr(model, "feature_info", [])[-2:] if isinstance(f, dict))
+    modules = dict(model.named_modules())
+    last = modules.get(stages[-1]) if stages else None
+    convolutional = last is not None and any(isinstance(m, nn.Conv2d) for m in last.modules())
+    return ModelLayers(classifier, stages, classifier if convolutional else None)
 
 
 def list_models() -> list[str]:

@@ -12,6 +12,8 @@ Layers for D3 (``--select_layer_name``): the final linear layer is ``classifier.
 candidates are ``classifier.0``, ``classifier.3`` and ``classifier.6`` -- what both
 ``classifier`` and ``all_linear`` select.
 
+NAD's default stages are ``features.38`` and ``features.51`` (the ReLUs closing the 4th and 5th
+convolutional stages, before their max-pools), FP's layer is ``classifier.0`` (BackdoorBench's).
 ``width`` scales every convolution (64 -> ``width``) and the hidden classifier width
 (4096 -> 4096 * width / 64); ``vgg19_bn_w16`` keeps the key names for CPU tests and smoke runs.
 ``pretrained_path`` optionally starts from torchvision's ImageNet file (all but ``classifier.6``),
@@ -22,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from models.registry import register_model
+from models.registry import ModelLayers, register_model
 from models.timm_models import load_pretrained, pretrained_file
 
 # torchvision's configuration "E": output channels of each 3x3 conv, "M" for a 2x2 max-pool.
@@ -77,12 +79,19 @@ def _vgg(num_classes: int, width: int, pretrained_path=None, pretrained: bool | 
     return model
 
 
-@register_model
+# classifier.6 is the final Linear layer (D3's default; see the docstring for all_linear); NAD distils
+# the outputs of the last two convolutional stages (the ReLUs before the 4th and 5th max-pools: 4x4
+# and 2x2 maps on 32-pixel images, as layer3/layer4 in PreAct-ResNet18); FP prunes the pooled
+# features entering classifier.0, as BackdoorBench does.
+LAYERS = ModelLayers(classifier="classifier.6", stages=("features.38", "features.51"), pruned="classifier.0")
+
+
+@register_model(layers=LAYERS)
 def vgg19_bn(num_classes: int = 10, pretrained_path=None, pretrained: bool | None = None, **kw) -> VGG:
     return _vgg(num_classes, 64, pretrained_path, pretrained, **kw)
 
 
-@register_model
+@register_model(layers=LAYERS)
 def vgg19_bn_w16(num_classes: int = 10, pretrained_path=None, pretrained: bool | None = None, **kw) -> VGG:
     """Narrow variant for CPU tests: channels 16..128, hidden classifier width 1024."""
     return _vgg(num_classes, 16, pretrained_path, pretrained, **kw)

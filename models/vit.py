@@ -24,6 +24,8 @@ selects 37 layers: ``1.heads.head`` and, in each encoder layer ``1.encoder.layer
 ``nn.MultiheadAttention``'s ``in_proj_weight`` parameter, not an ``nn.Linear``, and the patch
 embedding ``1.conv_proj`` is a Conv2d: no linear selection takes them.
 
+NAD's default stages are the last two encoder layers (their token outputs); FP does not apply (no
+convolutional stage) and refuses with one line.
 ``vit_tiny_test`` keeps the module names (2 layers, hidden size 32, 8x8 patches, images resized to
 32) and starts at random, for CPU tests.
 """
@@ -33,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.registry import register_model
+from models.registry import ModelLayers, register_model
 from models.timm_models import load_pretrained, pretrained_file
 
 VIT_B_16_WEIGHTS = ("torchvision's ViT_B_16_Weights.IMAGENET1K_V1 file vit_b_16-c867db91.pth "
@@ -69,7 +71,14 @@ def _vit(net: nn.Module, num_classes: int, pretrained_path, weights: str) -> nn.
     return nn.Sequential(Resize(net.image_size), net)
 
 
-@register_model
+def _layers(num_layers: int) -> ModelLayers:
+    """D3: the head; NAD: the token outputs of the last two encoder layers; FP: none (no
+    convolutional stage: FP refuses unless --prune_layer names a layer)."""
+    stage = "1.encoder.layers.encoder_layer_{}".format
+    return ModelLayers(classifier="1.heads.head", stages=(stage(num_layers - 2), stage(num_layers - 1)), pruned=None)
+
+
+@register_model(layers=_layers(12))
 def vit_b_16(num_classes: int = 10, pretrained_path=None, pretrained: bool = True, **kw) -> nn.Sequential:
     path = pretrained_file("vit_b_16", pretrained, pretrained_path, VIT_B_16_WEIGHTS,
                            note=" (the D3 paper's numbers need the pretrained start)")
@@ -78,7 +87,7 @@ def vit_b_16(num_classes: int = 10, pretrained_path=None, pretrained: bool = Tru
     return _vit(net, num_classes, path, VIT_B_16_WEIGHTS)
 
 
-@register_model
+@register_model(layers=_layers(2))
 def vit_tiny_test(num_classes: int = 10, pretrained_path=None, pretrained: bool | None = None,
                   **kw) -> nn.Sequential:
     """Narrow variant for CPU tests: 32x32 images in 16 patches, 2 layers of width 32."""
