@@ -6,6 +6,11 @@ ToTensor and Normalize, then copy the batch to the device. Both sides train the 
 the same step (SGD, bf16 autocast and channels_last on CUDA), so only the data path differs.
 
     python sh/bench_throughput.py --dataset_path ../shared/data/cifar10-jpeg.zip [--steps 100]
+
+``--models a,b,c`` instead measures each model's training and evaluation images/s on the
+device-resident pipeline (batch 128 for training, the evaluator's 512 for evaluation), side by side:
+
+    python sh/bench_throughput.py --dataset_path ... --models preactresnet18_w16,vgg19_bn_w16,vit_tiny_test
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from models import create_model  # noqa: E402
 from utils.data import BatchLoader, Normalizer, load_dataset  # noqa: E402
+from utils.evaluate import predict  # noqa: E402
 
 
 def train_steps(model, optimizer, batches, steps: int, device) -> float:
@@ -71,18 +77,53 @@ def pil_loader(dataset, batch_size: int, workers: int, spec):
                                        pin_memory=True, drop_last=True, persistent_workers=workers > 0)
 
 
-def main() -> None:
+def eval_images_per_s(model, images, normalizer, device, repeats: int = 2) -> float:
+    """The evaluator's inference (eval mode, batch 512, bf16 autocast on CUDA), after one warm-up pass."""
+    predict(model, images[:512], normalizer, device=device, amp=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        predict(model, images, normalizer, device=device, amp=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return repeats * images.shape[0] / (time.perf_counter() - start)
+
+
+def compare_models(names: list[str], dataset, steps: int, device) -> None:
+    spec = dataset.spec
+    normalizer = Normalizer(spec.mean, spec.std, device)
+    loader = BatchLoader(dataset.train, 128, normalizer, device=device, crop_padding=4, hflip=True, drop_last=True,
+                         channels_last=True)
+    test = dataset.test.images[:2048].to(device)
+    print(f"\nper-model throughput on {device} "
+          f"({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), {steps} training steps of 128")
+    print(f"  {'model':<22}{'params':>10}{'train img/s':>14}{'eval img/s':>13}")
+    for name in names:
+        model = create_model(name, spec.num_classes, pretrained=False).to(device).to(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        train = train_steps(model, optimizer, loader, steps, device)
+        evaluate = eval_images_per_s(model, test, normalizer, device)
+        params = sum(p.numel() for p in model.parameters())
+        print(f"  {name:<22}{params / 1e6:>9.2f}M{train:>14.0f}{evaluate:>13.0f}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset_path", required=True)
     p.add_argument("--model", default="preactresnet18")
+    p.add_argument("--models", default=None, help="comma-separated: compare these models' training and "
+                   "evaluation images/s instead")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, nargs="+", default=[4, 8])
-    a = p.parse_args()
+    a = p.parse_args(argv)
     device = torch.device(a.device)
     torch.backends.cudnn.benchmark = True
     dataset = load_dataset("cifar10", a.dataset_path)
     spec = dataset.spec
+    if a.models:
+        return compare_models([m.strip() for m in a.models.split(",") if m.strip()], dataset, a.steps, device)
 
     def fresh():
         model = create_model(a.model, spec.num_classes, pretrained=False).to(device).to(memory_format=torch.channels_last)

@@ -198,7 +198,7 @@ def test_unsafe_checkpoint_is_refused_on_resume(capsys, tiny_data, tmp_path):
 def _script_mains():
     import importlib.util
     scripts = sorted((ROOT / "attack").glob("*.py")) + sorted((ROOT / "defense").glob("*.py")) + \
-        [ROOT / "sh" / f for f in ("launch.py", "results_table.py", "test_set_rule.py")]
+        [ROOT / "sh" / f for f in ("launch.py", "results_table.py", "test_set_rule.py", "bench_throughput.py")]
     for path in scripts:
         if path.name == "__init__.py":
             continue
