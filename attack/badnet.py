@@ -6,9 +6,15 @@ the D3 paper's Table 1): a 3x3 white patch in the bottom-right corner (BackdoorB
 ``resource/badnet/trigger_image.png``), pratio 0.1, target 0, all2one; data poisoning only.
 
 The trigger is ``x * (1 - mask) + patch * mask`` per pixel and channel. ``--patch_path`` takes any
-image (full-size, or smaller and placed in the bottom-right corner); its mask is ``--mask_path``
-when given (non-zero = trigger), else the patch's non-zero pixels, as BackdoorBench's
-``AddMaskPatchTrigger`` does.
+image; its mask is ``--mask_path`` when given (non-zero = trigger), else the patch's non-zero
+pixels, as BackdoorBench's ``AddMaskPatchTrigger`` does.
+
+Other image sizes: BackdoorBench's trigger is a 32x32 frame (``trigger_image.png``) that it resizes
+to the dataset's size (torchvision ``Resize`` on the PIL image: bilinear), so on Tiny-ImageNet's
+64-pixel images the 3x3 corner becomes a solid 5x5 one inside a soft 7x7 edge. The default trigger
+is drawn on that 32-pixel frame and resized the same way, and a ``--patch_path`` / ``--mask_path``
+image of 32x32 (BackdoorBench's frames) or of the dataset's size is resized likewise; any other,
+smaller image is a patch placed in the bottom-right corner unscaled.
 
     python attack/badnet.py --save_folder_name badnet_demo
 """
@@ -26,6 +32,25 @@ from PIL import Image  # noqa: E402
 from utils.attack import Attack, register_attack, run_attack  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.runner import cli_main  # noqa: E402
+
+
+FRAME = 32  # BackdoorBench's trigger images are 32x32 frames, resized to the dataset's image size
+
+
+def _to_size(frame: np.ndarray, size: int) -> np.ndarray:
+    """A [C, FRAME, FRAME] uint8 frame resized to ``size`` as BackdoorBench's ``transforms.Resize``
+    does to a PIL image (bilinear)."""
+    if frame.shape[1] == size:
+        return frame
+    return np.asarray(Image.fromarray(frame.transpose(1, 2, 0)).resize((size, size), Image.BILINEAR),
+                      dtype=np.uint8).transpose(2, 0, 1)
+
+
+def _trigger_image(path: str, size: int, what: str) -> np.ndarray:
+    image = _read_image(path, what)
+    if image.shape[1:] in ((FRAME, FRAME), (size, size)):
+        return _to_size(image, size)
+    return _place_bottom_right(image, size, what)
 
 
 def _read_image(path: str, what: str) -> np.ndarray:
@@ -62,15 +87,17 @@ class BadNet(Attack):
     def make_trigger(cls, cfg, spec, dataset=None) -> dict[str, torch.Tensor]:
         size = spec.image_size
         if cfg.patch_path:
-            patch = _place_bottom_right(_read_image(cfg.patch_path, "patch"), size, "patch")
+            patch = _trigger_image(cfg.patch_path, size, "patch")
         else:
             side = cfg.patch_size
-            if not 1 <= side <= size:
-                raise UserError(f"--patch_size {side} must be between 1 and {size}")
-            patch = np.zeros((3, size, size), dtype=np.uint8)
-            patch[:, size - side:, size - side:] = 255
+            if not 1 <= side <= FRAME:
+                raise UserError(f"--patch_size {side} must be between 1 and {FRAME} (the patch is drawn on "
+                                f"BackdoorBench's {FRAME}-pixel frame, then resized to the image size)")
+            frame = np.zeros((3, FRAME, FRAME), dtype=np.uint8)
+            frame[:, FRAME - side:, FRAME - side:] = 255
+            patch = _to_size(frame, size)
         if cfg.mask_path:
-            mask = _place_bottom_right(_read_image(cfg.mask_path, "mask"), size, "mask") > 0
+            mask = _trigger_image(cfg.mask_path, size, "mask") > 0
         else:
             mask = patch > 0
         return {"patch": torch.from_numpy(patch), "mask": torch.from_numpy(mask.astype(np.uint8))}

@@ -50,3 +50,20 @@ def test_matches_backdoorbench_patch_trigger():
     expected = images * (bb == 0) + bb * (bb > 0)
     got = BadNet.apply_trigger(torch.from_numpy(images).permute(0, 3, 1, 2), default).permute(0, 2, 3, 1).numpy()
     assert np.array_equal(got, expected)
+
+
+def test_trigger_scales_to_the_image_size_as_backdoorbench_resizes_its_frame():
+    """On 64-pixel images the default is BackdoorBench's 32x32 frame resized bilinearly (a solid 5x5 corner
+    with soft edges), and so is a 32x32 --patch_path frame; a smaller patch is placed unscaled."""
+    frame = np.zeros((32, 32, 3), dtype=np.uint8)
+    frame[29:, 29:] = 255
+    expected = np.asarray(Image.fromarray(frame).resize((64, 64), Image.BILINEAR)).transpose(2, 0, 1)
+    art = BadNet.make_trigger(Config(patch_size=3, patch_path=None, mask_path=None), DATASETS["tiny"])
+    assert np.array_equal(art["patch"].numpy(), expected)
+    assert (art["patch"][:, 59:, 59:] == 255).all() and art["patch"][:, :57].sum() == art["patch"][:, :, :57].sum() == 0
+    assert torch.equal(art["mask"].bool(), art["patch"] > 0)
+    if BB_PATCH.exists():
+        from_file = BadNet.make_trigger(Config(patch_path=str(BB_PATCH), mask_path=None), DATASETS["tiny"])
+        assert torch.equal(from_file["patch"], art["patch"])
+    on_gtsrb = BadNet.make_trigger(Config(patch_size=3, patch_path=None, mask_path=None), DATASETS["gtsrb"])
+    assert on_gtsrb["patch"].sum() == 27 * 255  # 32 pixels: unchanged
