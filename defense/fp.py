@@ -54,8 +54,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--val_ratio", type=float, help="share of the reserved data held out for the stopping rule")
     parser.add_argument("--acc_ratio", type=float, help="largest allowed relative drop of held-out accuracy")
     parser.add_argument("--once_prune_ratio", type=float, help="share of the channels pruned per step")
-    parser.add_argument("--prune_layer", type=str, help="the Linear layer whose input channels are pruned (default: the model's: linear for "
-                        "PreAct-ResNet18, classifier.0 for VGG19-BN; none for a ViT)")
+    parser.add_argument("--prune_layer", type=str, help="the Linear layer whose input channels are pruned "
+                        "(default: the model's: linear for PreAct-ResNet18, classifier.0 for VGG19-BN; none for a ViT)")
 
 
 def prune_layer(cfg, model) -> nn.Linear:

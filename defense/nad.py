@@ -109,7 +109,8 @@ def attention_layers(cfg, model) -> list[str]:
     if cfg.nad_layers is None:  # the model's last two feature stages (models/registry.py: ModelLayers)
         cfg.nad_layers = ",".join(model_layers(cfg.model, model).stages) or None
         if cfg.nad_layers is None:
-            raise UserError(f"{cfg.model} names no feature stages for NAD; name one to three modules with --nad_layers")
+            raise UserError(f"{cfg.model} names no feature stages for NAD; name one to three modules with "
+                            f"--nad_layers")
     layers = [n.strip() for n in str(cfg.nad_layers).split(",") if n.strip()]
     if not 1 <= len(layers) <= 3:
         raise UserError(f"--nad_layers {cfg.nad_layers!r}: name one to three modules, e.g. layer3,layer4")
