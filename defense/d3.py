@@ -48,8 +48,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--Lp", type=float, help="norm for the distance and the constraint (2 = Frobenius)")
     parser.add_argument("--select_layer_name", type=str,
                         help="theta_s: a module name (its Linear/Conv2d weights), several joined by commas, "
-                             "or all_linear for every nn.Linear (default: the model's final classifier: "
-                             "linear, classifier.6, 1.heads.head)")
+                             "or all_linear for every nn.Linear (default: the model's: linear for PreAct-ResNet18, "
+                             "classifier (its 3 Linear layers) for VGG19-BN, 1.heads.head for ViT)")
     parser.add_argument("--warm_up_method", type=str, help="re-initialisation: " + " | ".join(WARM_UP_METHODS))
     parser.add_argument("--train_mode", type=str2bool, help="BN layers in training mode during D3")
 
@@ -119,8 +119,8 @@ def d3_objective(logits, labels, weights, init_weights, lmd: float, eps: float, 
 
 
 def check_settings(cfg, model) -> None:
-    if cfg.select_layer_name is None:  # the model's final classifier (models/registry.py: ModelLayers)
-        cfg.select_layer_name = model_layers(cfg.model, model).classifier
+    if cfg.select_layer_name is None:  # the model's own choice (models/registry.py: ModelLayers.theta_s)
+        cfg.select_layer_name = model_layers(cfg.model, model).d3_layers
     if cfg.lmd < 0 or cfg.eps < 0:
         raise UserError("--lmd and --eps must be non-negative")
     if cfg.warm_up_method not in WARM_UP_METHODS + ("random",):

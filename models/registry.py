@@ -15,14 +15,20 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {}
 class ModelLayers:
     """Module names a model offers to the defenses that act on named layers; their defaults.
 
-    ``classifier``: the final Linear layer, D3's default theta_s (the paper's "weights of the linear
-    layers"; ``linear`` in PreAct-ResNet18). ``stages``: the outputs of the last two feature stages,
+    ``classifier``: the final Linear layer. ``stages``: the outputs of the last two feature stages,
     NAD's default attention maps. ``pruned``: the Linear layer whose inputs are the last
     convolutional stage's pooled channels, which FP ranks and prunes; ``None`` where the model has no
-    convolutional stage (a ViT), so FP refuses with one line unless ``--prune_layer`` names a layer."""
+    convolutional stage (a ViT), so FP refuses with one line unless ``--prune_layer`` names a layer.
+    ``theta_s``: D3's default ``--select_layer_name`` (the paper's "weights of the linear layers",
+    "one or a few layers"), the classifier unless the model file says otherwise and why."""
     classifier: str
     stages: tuple[str, ...]
     pruned: str | None
+    theta_s: str | None = None
+
+    @property
+    def d3_layers(self) -> str:
+        return self.theta_s or self.classifier
 
 
 _LAYERS: dict[str, ModelLayers] = {}

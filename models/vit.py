@@ -18,11 +18,18 @@ These machines reach no model hub: the ImageNet start comes from a local file, t
 ``vit_b_16-c867db91.pth`` (``ViT_B_16_Weights.IMAGENET1K_V1``), given as ``pretrained_path`` and read
 safely; every key but ``heads.head`` is loaded strictly. ``pretrained=False`` trains from scratch.
 
-Layers for D3 (``--select_layer_name``): the final linear layer is ``1.heads.head``. ``all_linear``
-selects 37 layers: ``1.heads.head`` and, in each encoder layer ``1.encoder.layers.encoder_layer_N``
-(N = 0..11), ``self_attention.out_proj``, ``mlp.0`` and ``mlp.3``. The query/key/value projection is
+Layers for D3 (``--select_layer_name``): the default is the final linear layer ``1.heads.head``, the
+one Linear layer outside the pretrained body; ``all_linear`` selects 37 layers: ``1.heads.head``
+and, in each encoder layer ``1.encoder.layers.encoder_layer_N`` (N = 0..11),
+``self_attention.out_proj``, ``mlp.0`` and ``mlp.3``. The query/key/value projection is
 ``nn.MultiheadAttention``'s ``in_proj_weight`` parameter, not an ``nn.Linear``, and the patch
-embedding ``1.conv_proj`` is a Conv2d: no linear selection takes them.
+embedding ``1.conv_proj`` is a Conv2d: no linear selection takes them. D3's warm-up re-initialises
+every selected weight, so ``all_linear`` would replace most of the ImageNet-pretrained encoder by
+noise and leave 5% of the training data to relearn it; the paper's "one or a few layers" is the
+head. On the from-scratch ``vit_tiny_test`` (Blended, 8 epochs on a 10,000-image CIFAR-10 subset
+(JPEG copy), attacked 28.37 / 71.97 ACC / ASR; D3 20 epochs) ``all_linear`` removed more of the
+backdoor (23.63 / 7.99 against the head's 26.37 / 21.99), but that model has nothing pretrained to
+lose; on the real model measure both (``--select_layer_name all_linear``) before preferring it.
 
 NAD's default stages are the last two encoder layers (their token outputs); FP does not apply (no
 convolutional stage) and refuses with one line.

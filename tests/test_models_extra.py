@@ -195,6 +195,9 @@ def test_every_model_names_its_layers_for_the_defenses(name):
     modules = dict(model.named_modules())
     assert isinstance(modules[layers.classifier], nn.Linear) and modules[layers.classifier].out_features == 10
     assert layers.classifier == linear_names(model)[-1]
+    from defense.d3 import select_layers
+    theta_s = [n for n, _ in select_layers(model, layers.d3_layers)]
+    assert layers.classifier in theta_s and set(theta_s) <= set(linear_names(model))
     assert len(layers.stages) == 2 and all(s in modules for s in layers.stages)
     if layers.pruned is None:
         assert not any(isinstance(m, nn.Conv2d) and m.kernel_size != m.stride for m in modules.values())
@@ -236,7 +239,7 @@ def test_attack_then_every_layer_defense_on_each_narrow_model(model, capsys, tin
     d3.main(["--result_file", "r", *args, "--epochs", "1"])
     nad.main(["--result_file", "r", *args, "--epochs", "1", "--te_epochs", "1"])
     out = tmp_path / "r" / "defense"
-    assert read_yaml(out / "d3" / "config.yaml")["select_layer_name"] == layers.classifier
+    assert read_yaml(out / "d3" / "config.yaml")["select_layer_name"] == layers.d3_layers
     assert read_yaml(out / "nad" / "config.yaml")["nad_layers"] == ",".join(layers.stages)
     assert 0 <= read_json(out / "d3" / "summary.json")["asr"] <= 1
     if layers.pruned is None:
