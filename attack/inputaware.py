@@ -66,7 +66,9 @@ Where this differs from BackdoorBench, and why:
     ``schedulerC_milestones``, ``schedulerC_lambda``, ``C_lr_scheduler``, with its values;
   * ``--random_rotation`` and ``--random_crop`` are accepted (BackdoorBench's yaml has them) but, as in
     BackdoorBench's Input-aware, unused: the prototype's crop 4 and flip are the augmentation;
-  * stage 1 is not checkpointed: an interrupted run restarts it (the attack's epochs are resumed).
+  * stage 1 is not checkpointed: an interrupted run restarts it (the attack's epochs are resumed);
+  * with ``--amp`` (bf16 autocast, CUDA only) G and M run in bf16 in stage 2 like the classifier;
+    stage 1 and the record's trigger are float32 / float64.
 
 A reduced setting for a CPU: ``--clean_train_epochs 2`` (stage 1 is ~2x a narrow classifier's
 epoch each), e.g. ``--model preactresnet18_w16 --epochs 18 --lr 0.05 --clean_train_epochs 2``.
@@ -148,11 +150,12 @@ def _prefixed(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
     return {f"{prefix}.{k}": v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
-def load_generator(artifacts: dict[str, torch.Tensor], prefix: str, dtype=torch.float32, device="cpu") -> EncoderDecoder:
+def load_generator(artifacts: dict[str, torch.Tensor], prefix: str, dtype=torch.float32,
+                   device="cpu") -> EncoderDecoder:
     """G or M from the record's artifacts, in eval mode, without touching any random generator."""
     state = {k[len(prefix) + 1:]: v.clone() for k, v in artifacts.items() if k.startswith(prefix + ".")}
-    first, last = state["0.weight"], state[max((k for k in state if k.endswith(".weight") and
-                                                state[k].dim() == 4), key=lambda k: int(k.split(".")[0]))]
+    convs = sorted((int(k.split(".")[0]), v) for k, v in state.items() if k.endswith(".weight") and v.dim() == 4)
+    first, last = convs[0][1], convs[-1][1]
     with torch.device("meta"):
         net = EncoderDecoder(first.shape[1], last.shape[0], width=first.shape[0])
     net.load_state_dict(state, assign=True)
@@ -352,8 +355,8 @@ class InputAware(Attack):
                 raise UserError("Input-aware's mask generator needs the clean training data")
             train_mask(netM, dataset.train, cfg, spec, resolve_device(cfg.device))
         netM.cpu().eval()
-        return {**_prefixed("G", netG), **_prefixed("M", netM),
-                "mean": torch.tensor(spec.mean, dtype=torch.float64), "std": torch.tensor(spec.std, dtype=torch.float64)}
+        return {**_prefixed("G", netG), **_prefixed("M", netM), "mean": torch.tensor(spec.mean, dtype=torch.float64),
+                "std": torch.tensor(spec.std, dtype=torch.float64)}
 
     @staticmethod
     def apply_trigger(images: torch.Tensor, artifacts: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -11,13 +11,12 @@ Optional, for attacks that poison differently:
       from the test-time one;
     * ``select_poison_index(cfg, labels)`` which training samples carry the trigger (default: a
       seeded ``round(pratio * N)`` from all classes); ``clean_label = True`` keeps their labels (SIG);
-    * ``batch_hook(cfg, artifacts, spec)`` training-controlled attacks (WaNet, Input-aware): a
-      :data:`utils.data.BatchHook` called on every raw uint8 training batch before normalisation,
+    * ``batch_hook(cfg, artifacts, spec)`` training-controlled attacks with a fixed trigger (WaNet):
+      a :data:`utils.data.BatchHook` called on every raw uint8 training batch before normalisation,
       in place of the default augmentation. It may poison a share of the batch afresh, change
       labels and augment; its random draws come from the loader's per-epoch generator, so a
-      resumed run is exact. Modules it trains (Input-aware's generator) go in its ``state_dict``,
-      which the checkpoint stores;
-    * ``snapshot_hook(cfg, artifacts, spec)`` for a training-controlled attack: its per-batch
+      resumed run is exact. A hook with a ``state_dict`` is stored in the checkpoint;
+    * ``snapshot_hook(cfg, artifacts, spec)`` for a training-controlled attack (WaNet, Input-aware): its per-batch
       poisoning rule without the augmentation, from which :func:`poisoned_train_set` builds the
       fixed snapshot of the poisoned training set that BackdoorBench keeps after training;
     * ``loss_fn(cfg, artifacts)`` the training loss (default: cross-entropy).
@@ -450,7 +449,7 @@ def poisoned_train_set(record: AttackRecord, dataset: Dataset) -> ImageSet:
     record's trigger artifacts and poison indices and checked against its fingerprint. ``dataset`` is
     the data the attack trained on (:func:`load_train_set`).
 
-    A training-controlled attack (WaNet) poisons a fresh share of every batch, so there is no one
+    A training-controlled attack (WaNet, Input-aware) poisons a fresh share of every batch, so there is no one
     poisoned set; as BackdoorBench does after training, the snapshot is one unshuffled pass of
     ``batch_size`` batches through the attack's poisoning rule (:meth:`Attack.snapshot_hook`), its
     random draws from the record's seed, so it is rebuilt exactly."""

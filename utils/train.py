@@ -1,10 +1,10 @@
 """One training loop for attacks and defenses, plus optimizer and scheduler builders.
 
 ``fit`` is deliberately small: a loss function ``(model, x, y) -> (loss, logs)`` says what is
-optimised, ``after_step`` runs after every optimiser step (D3's projection), ``on_epoch_start`` before
-every epoch (i-BAU's perturbation of the round), and ``after_epoch`` after every epoch's scheduler step (a trained trigger's own scheduler), and
-``on_epoch_end`` receives the epoch's training
-statistics (the runner's reporting hook; its return value is ignored). Each step goes through
+optimised, ``after_step`` runs after every optimiser step (D3's projection; a trained trigger's own
+optimiser), ``on_epoch_start`` before every epoch (i-BAU's perturbation of the round), ``after_epoch``
+after every epoch's scheduler step (a trained trigger's scheduler), and ``on_epoch_end`` receives the
+epoch's training statistics (the runner's reporting hook; its return value is ignored). Each step goes through
 ``optimizer.step(closure)``, PyTorch's protocol for optimisers that re-evaluate the loss, so a
 two-pass optimiser (:class:`utils.sam.SAM`) needs nothing else from the loop.
 
