@@ -172,7 +172,7 @@ def _normalise(x01: torch.Tensor, artifacts) -> torch.Tensor:
 
 @torch.no_grad()
 def blend(targets: torch.Tensor, sources: torch.Tensor, artifacts: dict[str, torch.Tensor], *,
-          dtype=torch.float64, device="cpu", chunk: int = 256) -> torch.Tensor:
+          dtype=torch.float64, device="cpu", chunk: int = 128) -> torch.Tensor:
     """uint8 ``targets`` with the pattern and mask that G and M draw for uint8 ``sources`` (the same
     images: the backdoor trigger; others: cross triggers), ``round(255 * (x + (G - x) * M))`` in
     ``dtype`` on ``device``; uint8 out, on the targets' device."""

@@ -169,6 +169,19 @@ def test_end_to_end_then_d3_and_rebuild(tiny_data, tmp_path):
     assert not torch.equal(trig["M.0.weight"], fresh["M.0.weight"])   # and the pre-trained M
     assert len(load_tensors(rec / "indices.safetensors")["train_poison_index"]) == 0
     bd, dataset = rebuild_and_defend(rec, data, InputAware)  # bit for bit, fingerprint-checked, then D3
+    # the exact rebuild is slow on a CPU, so the rebuilt set is cached under its fingerprint (the attack
+    # stores it); without the cache it is rebuilt from the generators, and a cached set with other
+    # content is not used
+    from utils.attack import rebuild_backdoor_test
+    from utils.data import default_cache_dir
+    from utils.record import save_tensors
+    cached = default_cache_dir() / "backdoor_test_sets" / f"{meta['backdoor_test_fingerprint']}.safetensors"
+    assert cached.is_file()
+    fresh_bd = rebuild_backdoor_test(meta, rec, dataset, cache_dir=tmp_path / "empty-cache")
+    assert torch.equal(fresh_bd.images, bd.images) and (tmp_path / "empty-cache").is_dir()
+    save_tensors(cached, {"images": bd.images ^ 1, "target_labels": bd.target_labels, "true_labels": bd.true_labels,
+                          "index": bd.index})
+    assert torch.equal(rebuild_backdoor_test(meta, rec, dataset).images, bd.images)
     assert len(bd) == 90 and (bd.images != dataset.test.images[bd.index]).flatten(1).any(1).all()
     import pandas as pd
     rows = pd.read_csv(rec / "metrics.csv")

@@ -51,8 +51,8 @@ from utils.backdoor import (LABEL_TRANSFORMS, BackdoorTestSet, backdoor_test_set
                             poison_train_set, select_poison_indices, stream_generator)
 from utils.config import (CONFIG_DIR, Config, add_common_arguments, check_range, check_training, new_parser,
                           require, resolve_config, resolve_device, seed_everything, str2bool)
-from utils.data import (BatchLoader, Dataset, DatasetSpec, ImageSet, Normalizer, get_spec, load_dataset,
-                        tensor_fingerprint)
+from utils.data import (BatchLoader, Dataset, DatasetSpec, ImageSet, Normalizer, default_cache_dir, get_spec,
+                        load_dataset, tensor_fingerprint)
 from utils.errors import UserError
 from utils.evaluate import Evaluator
 from utils.record import (load_tensors, read_json, read_manifest, read_yaml, save_tensors, sha256_file,
@@ -340,6 +340,7 @@ def _train(attack, cfg, spec, dataset, device, work: Path, checkpoint: Checkpoin
     if learned is not None:  # the trained trigger is the record's; its test set is the last exact one
         save_tensors(work / "trigger.safetensors", learned.trainable.artifacts())
         bd_test = learned.final_set()
+        _store_cached_set(_learned_set_cache(cfg.cache_dir, backdoor_test_fingerprint(bd_test)), bd_test)
     save_tensors(work / "model.safetensors", model.state_dict())
     summary = {"clean_acc": final["clean_acc"], "asr": final["asr"], "ra": final["ra"], "epochs": cfg.epochs,
                "train_seconds": sum(r["train_seconds"] for r in reporter.rows),
@@ -476,13 +477,48 @@ def poisoned_train_set(record: AttackRecord, dataset: Dataset) -> ImageSet:
     return ImageSet(images, torch.cat([y for _, y in parts]))
 
 
-def rebuild_backdoor_test(meta: dict, record_dir: Path, dataset: Dataset) -> BackdoorTestSet:
-    """The record's backdoor test set, rebuilt from its trigger artifacts and checked against its fingerprint."""
+def rebuild_backdoor_test(meta: dict, record_dir: Path, dataset: Dataset, cache_dir=None) -> BackdoorTestSet:
+    """The record's backdoor test set, rebuilt from its trigger artifacts and checked against its fingerprint.
+
+    A learned trigger's exact rebuild is slow on a CPU (Input-aware: two generators in float64 per
+    test image), so its result is kept in the cache (``--cache_dir`` or the default), named by the
+    record's fingerprint of that set; a cached set is used only when it has that fingerprint."""
     attack = get_attack(meta["attack"])
-    artifacts = load_tensors(record_dir / "trigger.safetensors")
-    bd = backdoor_test_set(dataset.test, trigger_function(attack, artifacts), meta["attack_label_trans"],
-                           meta["attack_target"], dataset.spec.num_classes)
-    if backdoor_test_fingerprint(bd) != meta["backdoor_test_fingerprint"]:
-        raise UserError(f"the backdoor test set rebuilt from {record_dir} does not match the one the attack "
-                        f"used; the record or the attack code changed")
+    expected = meta["backdoor_test_fingerprint"]
+    cache = _learned_set_cache(cache_dir, expected) if attack.learns_trigger else None
+    bd = _load_cached_set(cache, expected) if cache is not None else None
+    if bd is None:
+        artifacts = load_tensors(record_dir / "trigger.safetensors")
+        bd = backdoor_test_set(dataset.test, trigger_function(attack, artifacts), meta["attack_label_trans"],
+                               meta["attack_target"], dataset.spec.num_classes)
+        if backdoor_test_fingerprint(bd) != expected:
+            raise UserError(f"the backdoor test set rebuilt from {record_dir} does not match the one the attack "
+                            f"used; the record or the attack code changed")
+        if cache is not None:
+            _store_cached_set(cache, bd)
     return bd
+
+
+def _learned_set_cache(cache_dir, fingerprint: str) -> Path:
+    base = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    return base / "backdoor_test_sets" / f"{fingerprint}.safetensors"
+
+
+def _load_cached_set(path: Path, fingerprint: str) -> BackdoorTestSet | None:
+    if not path.is_file():
+        return None
+    try:
+        t = load_tensors(path)
+        bd = BackdoorTestSet(t["images"], t["target_labels"], t["true_labels"], t["index"])
+    except (UserError, KeyError):
+        return None
+    return bd if backdoor_test_fingerprint(bd) == fingerprint else None
+
+
+def _store_cached_set(path: Path, bd: BackdoorTestSet) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_tensors(path, {"images": bd.images, "target_labels": bd.target_labels, "true_labels": bd.true_labels,
+                            "index": bd.index})
+    except OSError as e:
+        logging.getLogger(LOGGER_NAME).warning("could not cache the rebuilt backdoor test set at %s (%s)", path, e)
