@@ -40,8 +40,8 @@ over ``config/attack/prototype/cifar10.yaml`` (which follow the authors' release
 Exactness: :func:`apply_trigger` runs both generators in eval mode in float64 on the CPU and rounds
 ``255 * x_bd`` to the nearest uint8 (ties to even). Float64 results of two machines differ by a few
 units in the last place (about 1e-13 on the 0..255 scale), so a rebuilt image differs only if a
-value falls that close to a half-integer: about one value in 10^12, and the record's fingerprint
-check would say so. Float32 (or the GPU) would differ in about one value in 10^3-10^4, so it is kept
+value falls that close to a half-integer: about one value in 10^12 or fewer, and the record's
+fingerprint check would say so. Float32 (or the GPU) would differ in about one value in 10^3-10^4, so it is kept
 for the intermediate evaluations only (:meth:`InputAware.preview_trigger`, float32 on the training
 device, rounded the same way; reporting only). The last epoch's evaluation uses the exact set.
 The snapshot of the poisoned training set (PDB) is :meth:`InputAware.snapshot_hook`: one unshuffled
@@ -194,7 +194,7 @@ def apply_trigger(images: torch.Tensor, artifacts: dict[str, torch.Tensor]) -> t
     return blend(images, images, artifacts)
 
 
-def batch_count(pratio: float, batch: int, device=None) -> int:
+def batch_count(pratio: float, batch: int) -> int:
     """Backdoor (and cross) samples in a batch: ``int(pratio * B)``; below one, one with probability
     ``pratio * B`` (drawn from torch's global generator, which checkpoints hold); at most (B - 1) // 2."""
     expected = pratio * batch

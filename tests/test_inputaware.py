@@ -6,8 +6,8 @@ import importlib
 import torch
 import yaml
 
-from attack.inputaware import (EncoderDecoder, InputAware, InputAwareTrigger, blend, cross_sources, load_generator,
-                               main, mask_loss, seeded_generator, threshold, train_mask)
+from attack.inputaware import (EncoderDecoder, InputAware, InputAwareTrigger, batch_count, blend, cross_sources,
+                               load_generator, main, mask_loss, seeded_generator, threshold, train_mask)
 from conftest import ROOT, expect_error, rebuild_and_defend, run_args
 from utils.config import Config
 from utils.data import DATASETS, ImageSet
@@ -119,6 +119,14 @@ def test_batch_holds_backdoor_cross_and_clean_samples():
     torch.testing.assert_close(inputs[4:8], lent)
     assert not torch.allclose(inputs[4:8], own)  # not the image's own trigger
     assert not torch.allclose(inputs[:4], x[:4], atol=1e-3)
+
+
+def test_batch_counts():
+    assert [batch_count(0.1, b) for b in (128, 80, 64, 10)] == [12, 8, 6, 1]  # int(pratio * B)
+    assert batch_count(0.45, 2) == 0 and batch_count(0.3, 5) == 1           # room for n cross samples
+    torch.manual_seed(0)  # below one per batch: one with probability pratio * B (generalize_to_lower_pratio)
+    draws = [batch_count(0.005, 64) for _ in range(2000)]
+    assert set(draws) == {0, 1} and abs(sum(draws) / 2000 - 0.32) < 0.05
 
 
 def test_gradients_reach_g_not_m_and_accumulate_as_backdoorbench():
