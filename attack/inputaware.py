@@ -70,8 +70,13 @@ Where this differs from BackdoorBench, and why:
   * with ``--amp`` (bf16 autocast, CUDA only) G and M run in bf16 in stage 2 like the classifier;
     stage 1 and the record's trigger are float32 / float64.
 
-A reduced setting for a CPU: ``--clean_train_epochs 2`` (stage 1 is ~2x a narrow classifier's
-epoch each), e.g. ``--model preactresnet18_w16 --epochs 18 --lr 0.05 --clean_train_epochs 2``.
+Cost: per image the two generators take about 0.2 GMAC, more than the narrow classifier, so stage 1
+costs about three narrow-model epochs per epoch and stage 2 about 1.5x the narrow model's epoch
+(G on 2n images per batch). The exact float64 test set takes minutes on a CPU (about 7 for the
+9,000 CIFAR-10 images on one busy core, 2 in float32): the attack stores it in the cache (named
+by its fingerprint), so defenses on the same machine do not rebuild it. A reduced setting for a
+CPU: ``--model preactresnet18_w16 --epochs 18 --lr 0.05 --clean_train_epochs 2 --eval_every 6``
+(the sweep's ``cpu`` preset).
 
     python attack/inputaware.py --save_folder_name inputaware_demo
 """
