@@ -1,17 +1,17 @@
 """Input-aware: the generators' shape, the mask generator's density after stage 1, the batch's backdoor
 and cross samples and their labels, gradients into G only, the exact trigger, an end-to-end run whose
 record rebuilds its backdoor test set bit for bit (then D3), resume, and bad input."""
-import importlib
-
+import pytest
 import torch
 import yaml
 
 from attack.inputaware import (EncoderDecoder, InputAware, InputAwareTrigger, batch_count, blend, cross_sources,
                                load_generator, main, mask_loss, seeded_generator, threshold, train_mask)
-from conftest import ROOT, expect_error, rebuild_and_defend, run_args
+from conftest import ROOT, expect_error, interrupt_after_saves, rebuild_and_defend, run_args
 from utils.config import Config
 from utils.data import DATASETS, ImageSet
 from utils.record import load_tensors, read_json
+from utils.runner import cli_main
 
 CIFAR = DATASETS["cifar10"]
 # The tiny end-to-end setting: stage 1 one epoch, the attack two; a 64-image batch holds 6 backdoor and
@@ -215,18 +215,25 @@ def test_end_to_end_then_d3_and_rebuild(tiny_data, tmp_path):
 
 
 def test_resume_is_bit_identical(capsys, monkeypatch, tiny_data, tmp_path):
-    from conftest import interrupt_after_saves
-    rel = importlib.import_module("test_reliability")
-    argv = [*run_args(tiny_data, tmp_path), *TINY, "--epochs", "3"]
+    """Interrupted after epoch 1 and resumed: the same classifier, the same trained G (its weights, Adam
+    state, scheduler and running gradient sum come back from the checkpoint), the same test set."""
+    argv = [*run_args(tiny_data, tmp_path), *TINY, "--clean_train_epochs", "0"]  # stage 1 is not resumed
     main(["--save_folder_name", "straight", *argv])
     restore = interrupt_after_saves(monkeypatch, 1)
-    rel.interrupted(capsys, main, ["--save_folder_name", "resumed", *argv])
+    with pytest.raises(SystemExit) as exc:
+        cli_main(main, ["--save_folder_name", "resumed", *argv])
+    assert exc.value.code == 130 and "--resume" in capsys.readouterr().err
     restore()
     main(["--save_folder_name", "resumed", *argv, "--resume"])
     for name in ("model.safetensors", "trigger.safetensors"):
-        assert rel.same_weights(tmp_path / "straight" / name, tmp_path / "resumed" / name)
+        a, b = (load_tensors(tmp_path / n / name) for n in ("straight", "resumed"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     a, b = (read_json(tmp_path / n / "record.json") for n in ("straight", "resumed"))
     assert a["backdoor_test_fingerprint"] == b["backdoor_test_fingerprint"]
+    a, b = ((tmp_path / n / "metrics.csv").read_text().splitlines() for n in ("straight", "resumed"))
+    cols = a[0].split(",")
+    keep = [cols.index(c) for c in ("epoch", "train_loss", "div_loss", "clean_acc", "asr", "ra")]
+    assert [[r.split(",")[i] for i in keep] for r in a] == [[r.split(",")[i] for i in keep] for r in b]
 
 
 def test_bad_input_writes_nothing(capsys, tiny_data, tmp_path):
