@@ -11,16 +11,31 @@ Optional, for attacks that poison differently:
       from the test-time one;
     * ``select_poison_index(cfg, labels)`` which training samples carry the trigger (default: a
       seeded ``round(pratio * N)`` from all classes); ``clean_label = True`` keeps their labels (SIG);
-    * ``batch_hook(cfg, artifacts, spec)`` training-controlled attacks (WaNet, Input-aware): a
-      :data:`utils.data.BatchHook` called on every raw uint8 training batch before normalisation,
+    * ``batch_hook(cfg, artifacts, spec)`` training-controlled attacks with a fixed trigger (WaNet):
+      a :data:`utils.data.BatchHook` called on every raw uint8 training batch before normalisation,
       in place of the default augmentation. It may poison a share of the batch afresh, change
       labels and augment; its random draws come from the loader's per-epoch generator, so a
-      resumed run is exact. Modules it trains (Input-aware's generator) go in its ``state_dict``,
-      which the checkpoint stores;
-    * ``snapshot_hook(cfg, artifacts, spec)`` for a training-controlled attack: its per-batch
+      resumed run is exact. A hook with a ``state_dict`` is stored in the checkpoint;
+    * ``snapshot_hook(cfg, artifacts, spec)`` for a training-controlled attack (WaNet, Input-aware): its per-batch
       poisoning rule without the augmentation, from which :func:`poisoned_train_set` builds the
       fixed snapshot of the poisoned training set that BackdoorBench keeps after training;
     * ``loss_fn(cfg, artifacts)`` the training loss (default: cross-entropy).
+
+Triggers trained with the classifier (Input-aware's pattern generator, whose weights change every
+step and which the classifier's loss trains through the poisoned images) set ``learns_trigger`` and
+implement ``trainable_trigger(cfg, artifacts, spec, device)``, a :class:`TrainableTrigger`: its
+``loss(model, x, y)`` poisons the normalised, augmented batch with gradients flowing into its own
+modules and replaces the training loss; its optimiser steps after the classifier's (``fit``'s
+``after_step``), its scheduler after every epoch (``after_epoch``); its state (modules, optimiser,
+scheduler, accumulated gradients) goes into the checkpoint through ``fit``'s ``extra_state``; and
+``artifacts()`` gives the current trigger tensors for ``apply_trigger``. The runner then
+    * writes ``trigger.safetensors`` twice: at the start (what ``make_trigger`` made: the initial
+      generators, which a resumed run reloads before the checkpoint restores the trained state),
+      and at the end, the final generators, before ``record.json``;
+    * remakes the backdoor test set from the current artifacts before every evaluation
+      (``Evaluator.set_backdoor``): with ``preview_trigger`` (fast, for the intermediate rows) and,
+      at the last epoch, with the exact ``apply_trigger`` that records are rebuilt with; that last
+      set's fingerprint goes into the record.
 """
 from __future__ import annotations
 
@@ -36,8 +51,8 @@ from utils.backdoor import (LABEL_TRANSFORMS, BackdoorTestSet, backdoor_test_set
                             poison_train_set, select_poison_indices, stream_generator)
 from utils.config import (CONFIG_DIR, Config, add_common_arguments, check_range, check_training, new_parser,
                           require, resolve_config, resolve_device, seed_everything, str2bool)
-from utils.data import (BatchLoader, Dataset, DatasetSpec, ImageSet, Normalizer, get_spec, load_dataset,
-                        tensor_fingerprint)
+from utils.data import (BatchLoader, Dataset, DatasetSpec, ImageSet, Normalizer, default_cache_dir, get_spec,
+                        load_dataset, tensor_fingerprint)
 from utils.errors import UserError
 from utils.evaluate import Evaluator
 from utils.record import (load_tensors, read_json, read_manifest, read_yaml, save_tensors, sha256_file,
@@ -56,10 +71,37 @@ RESUMABLE_KEYS = LOCAL_KEYS + ("device", "num_workers", "eval_batch_size", "eval
 _ATTACKS: dict[str, type["Attack"]] = {}
 
 
+class TrainableTrigger:
+    """A trigger trained beside the classifier (see the module docstring). Subclasses implement all
+    of these; ``state_dict`` must hold everything that changes during training, so that a resumed
+    run is bit-identical."""
+
+    def loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
+        """``(loss, logs)`` of a normalised training batch, poisoned here with gradients."""
+        raise NotImplementedError
+
+    def step(self) -> None:
+        """After every optimiser step of the classifier: the trigger's own step."""
+
+    def epoch_end(self) -> None:
+        """After every epoch: the trigger's scheduler."""
+
+    def artifacts(self) -> dict[str, torch.Tensor]:
+        """The current trigger artifacts (CPU tensors), as ``apply_trigger`` takes them."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+
 class Attack:
     """Base class: subclasses set ``name`` and implement the two trigger methods."""
     name: str = ""
     clean_label: bool = False  # poisoned training samples keep their true labels
+    learns_trigger: bool = False  # the trigger is trained with the classifier (:class:`TrainableTrigger`)
     # Flags naming files on this machine (trigger images, .npy patterns): logged, kept out of the
     # record, which holds what was read from them (trigger.safetensors), so records stay portable.
     local_keys: tuple[str, ...] = ()
@@ -98,6 +140,18 @@ class Attack:
     @staticmethod
     def apply_trigger(images: torch.Tensor, artifacts: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
+
+    @classmethod
+    def preview_trigger(cls, images: torch.Tensor, artifacts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The trigger for intermediate evaluations of a learned trigger (reporting only): may be a
+        faster, inexact version of ``apply_trigger``."""
+        return cls.apply_trigger(images, artifacts)
+
+    @classmethod
+    def trainable_trigger(cls, cfg: Config, artifacts: dict[str, torch.Tensor], spec: DatasetSpec,
+                          device: torch.device) -> TrainableTrigger | None:
+        """For ``learns_trigger`` attacks: the trigger's training state, starting from ``artifacts``."""
+        return None
 
     @classmethod
     def loss_fn(cls, cfg: Config, artifacts: dict[str, torch.Tensor]):
@@ -237,10 +291,12 @@ def _train(attack, cfg, spec, dataset, device, work: Path, checkpoint: Checkpoin
                 len(dataset.test), dataset.fingerprint,
                 f" (class-balanced training subset of {len(subset_index)})" if subset_index is not None else "")
 
-    trigger = trigger_function(attack, artifacts)
     poisoned = poison_train_set(dataset.train, poison_index, lambda x: attack.apply_train_trigger(x, artifacts),
                                 cfg.attack_label_trans, cfg.attack_target, spec.num_classes,
                                 relabel=not attack.clean_label)
+    # A learned trigger's backdoor test set is made before every evaluation (:class:`_LearnedBackdoor`);
+    # until then it holds the clean images of its samples.
+    trigger = (lambda x: x) if attack.learns_trigger else trigger_function(attack, artifacts)
     bd_test = backdoor_test_set(dataset.test, trigger, cfg.attack_label_trans, cfg.attack_target, spec.num_classes)
     indices = {"train_poison_index": poison_index, "test_backdoor_index": bd_test.index}
     if subset_index is not None:
@@ -260,17 +316,31 @@ def _train(attack, cfg, spec, dataset, device, work: Path, checkpoint: Checkpoin
                          seed=cfg.random_seed, batch_hook=batch_hook)
     evaluator = Evaluator(dataset.test, bd_test, normalizer, device=device, amp=cfg.amp,
                           batch_size=cfg.eval_batch_size)
-    reporter = EpochReporter(evaluator, model, work, "attack", logger, epochs=cfg.epochs,
+    learned = None
+    loss_fn, fit_hooks = attack.loss_fn(cfg, artifacts), {}
+    if attack.learns_trigger:
+        trainable = attack.trainable_trigger(cfg, artifacts, spec, device)
+        learned = _LearnedBackdoor(attack, cfg, spec, dataset.test, evaluator, trainable, device)
+        loss_fn = trainable.loss
+        fit_hooks = dict(after_step=trainable.step, after_epoch=trainable.epoch_end,
+                         on_epoch_start=learned.epoch_start)
+    reporter = EpochReporter(learned or evaluator, model, work, "attack", logger, epochs=cfg.epochs,
                              eval_every=cfg.eval_every, checkpoint=checkpoint)
     if not resumed:
         announce_plan(logger, device, model, loader, epochs=cfg.epochs, images_per_epoch=len(poisoned),
                       amp=cfg.amp, evaluations=-(-cfg.epochs // cfg.eval_every), eval_images=evaluator.num_images,
                       cpu_hint=CPU_HINT)
     extra_state = {"batch_hook": batch_hook} if hasattr(batch_hook, "state_dict") else None
-    fit(model, loader, optimizer, scheduler, attack.loss_fn(cfg, artifacts), epochs=cfg.epochs, amp=cfg.amp,
-        on_epoch_end=reporter, desc=f"attack {attack.name}", extra_state=extra_state)
+    if learned is not None:
+        extra_state = {"trigger": learned.trainable}
+    fit(model, loader, optimizer, scheduler, loss_fn, epochs=cfg.epochs, amp=cfg.amp,
+        on_epoch_end=reporter, desc=f"attack {attack.name}", extra_state=extra_state, **fit_hooks)
 
     final = reporter.rows[-1]
+    if learned is not None:  # the trained trigger is the record's; its test set is the last exact one
+        save_tensors(work / "trigger.safetensors", learned.trainable.artifacts())
+        bd_test = learned.final_set()
+        _store_cached_set(_learned_set_cache(cfg.cache_dir, backdoor_test_fingerprint(bd_test)), bd_test)
     save_tensors(work / "model.safetensors", model.state_dict())
     summary = {"clean_acc": final["clean_acc"], "asr": final["asr"], "ra": final["ra"], "epochs": cfg.epochs,
                "train_seconds": sum(r["train_seconds"] for r in reporter.rows),
@@ -291,6 +361,42 @@ def _train(attack, cfg, spec, dataset, device, work: Path, checkpoint: Checkpoin
     logger.info("done: clean_acc=%.4f asr=%.4f ra=%.4f  (%.0f train img/s, %.0f eval img/s, %.1fs)",
                 summary["clean_acc"], summary["asr"], summary["ra"], summary["train_images_per_s"],
                 summary["eval_images_per_s"], summary["wall_seconds"])
+
+
+class _LearnedBackdoor:
+    """The evaluation hook of a learned trigger: before each evaluation the backdoor test set is made
+    from the trigger's current artifacts (``preview_trigger`` on the training device; at the last
+    epoch the exact ``apply_trigger``, the set the record keeps), then the evaluator runs."""
+
+    def __init__(self, attack, cfg, spec, clean_test: ImageSet, evaluator: Evaluator, trainable: TrainableTrigger,
+                 device):
+        self.attack, self.cfg, self.spec, self.evaluator, self.trainable = attack, cfg, spec, evaluator, trainable
+        self.clean_test, self.device_test = clean_test, ImageSet(clean_test.images.to(device), clean_test.labels)
+        self.epoch, self._final = -1, None
+
+    @property
+    def num_images(self) -> int:
+        return self.evaluator.num_images
+
+    def epoch_start(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _make(self, exact: bool) -> BackdoorTestSet:
+        artifacts = self.trainable.artifacts()
+        fn = self.attack.apply_trigger if exact else self.attack.preview_trigger
+        return backdoor_test_set(self.clean_test if exact else self.device_test, lambda x: fn(x, artifacts),
+                                 self.cfg.attack_label_trans, self.cfg.attack_target, self.spec.num_classes)
+
+    def final_set(self) -> BackdoorTestSet:
+        """The exact backdoor test set of the final trigger (made once)."""
+        if self._final is None:
+            self._final = self._make(exact=True)
+        return self._final
+
+    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+        last = self.epoch + 1 == self.cfg.epochs
+        self.evaluator.set_backdoor(self.final_set() if last else self._make(exact=False))
+        return self.evaluator(model)
 
 
 # The files of an attack record whose SHA-256 record.json holds (logs and plots are for people).
@@ -344,7 +450,7 @@ def poisoned_train_set(record: AttackRecord, dataset: Dataset) -> ImageSet:
     record's trigger artifacts and poison indices and checked against its fingerprint. ``dataset`` is
     the data the attack trained on (:func:`load_train_set`).
 
-    A training-controlled attack (WaNet) poisons a fresh share of every batch, so there is no one
+    A training-controlled attack (WaNet, Input-aware) poisons a fresh share of every batch, so there is no one
     poisoned set; as BackdoorBench does after training, the snapshot is one unshuffled pass of
     ``batch_size`` batches through the attack's poisoning rule (:meth:`Attack.snapshot_hook`), its
     random draws from the record's seed, so it is rebuilt exactly."""
@@ -358,7 +464,7 @@ def poisoned_train_set(record: AttackRecord, dataset: Dataset) -> ImageSet:
         raise UserError(f"the poisoned training set rebuilt from {record.dir} does not match the one the attack "
                         f"trained on; the record or the attack code changed")
     cfg = Config(**record.config)
-    if attack.batch_hook(cfg, artifacts, dataset.spec) is None:
+    if attack.batch_hook(cfg, artifacts, dataset.spec) is None and not attack.learns_trigger:
         return poisoned
     rule = attack.snapshot_hook(cfg, artifacts, dataset.spec)
     if rule is None:
@@ -371,13 +477,48 @@ def poisoned_train_set(record: AttackRecord, dataset: Dataset) -> ImageSet:
     return ImageSet(images, torch.cat([y for _, y in parts]))
 
 
-def rebuild_backdoor_test(meta: dict, record_dir: Path, dataset: Dataset) -> BackdoorTestSet:
-    """The record's backdoor test set, rebuilt from its trigger artifacts and checked against its fingerprint."""
+def rebuild_backdoor_test(meta: dict, record_dir: Path, dataset: Dataset, cache_dir=None) -> BackdoorTestSet:
+    """The record's backdoor test set, rebuilt from its trigger artifacts and checked against its fingerprint.
+
+    A learned trigger's exact rebuild is slow on a CPU (Input-aware: two generators in float64 per
+    test image), so its result is kept in the cache (``--cache_dir`` or the default), named by the
+    record's fingerprint of that set; a cached set is used only when it has that fingerprint."""
     attack = get_attack(meta["attack"])
-    artifacts = load_tensors(record_dir / "trigger.safetensors")
-    bd = backdoor_test_set(dataset.test, trigger_function(attack, artifacts), meta["attack_label_trans"],
-                           meta["attack_target"], dataset.spec.num_classes)
-    if backdoor_test_fingerprint(bd) != meta["backdoor_test_fingerprint"]:
-        raise UserError(f"the backdoor test set rebuilt from {record_dir} does not match the one the attack "
-                        f"used; the record or the attack code changed")
+    expected = meta["backdoor_test_fingerprint"]
+    cache = _learned_set_cache(cache_dir, expected) if attack.learns_trigger else None
+    bd = _load_cached_set(cache, expected) if cache is not None else None
+    if bd is None:
+        artifacts = load_tensors(record_dir / "trigger.safetensors")
+        bd = backdoor_test_set(dataset.test, trigger_function(attack, artifacts), meta["attack_label_trans"],
+                               meta["attack_target"], dataset.spec.num_classes)
+        if backdoor_test_fingerprint(bd) != expected:
+            raise UserError(f"the backdoor test set rebuilt from {record_dir} does not match the one the attack "
+                            f"used; the record or the attack code changed")
+        if cache is not None:
+            _store_cached_set(cache, bd)
     return bd
+
+
+def _learned_set_cache(cache_dir, fingerprint: str) -> Path:
+    base = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    return base / "backdoor_test_sets" / f"{fingerprint}.safetensors"
+
+
+def _load_cached_set(path: Path, fingerprint: str) -> BackdoorTestSet | None:
+    if not path.is_file():
+        return None
+    try:
+        t = load_tensors(path)
+        bd = BackdoorTestSet(t["images"], t["target_labels"], t["true_labels"], t["index"])
+    except (UserError, KeyError):
+        return None
+    return bd if backdoor_test_fingerprint(bd) == fingerprint else None
+
+
+def _store_cached_set(path: Path, bd: BackdoorTestSet) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_tensors(path, {"images": bd.images, "target_labels": bd.target_labels, "true_labels": bd.true_labels,
+                            "index": bd.index})
+    except OSError as e:
+        logging.getLogger(LOGGER_NAME).warning("could not cache the rebuilt backdoor test set at %s (%s)", path, e)

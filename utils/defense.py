@@ -259,7 +259,7 @@ def run_defense(name: str, purify: Purify, add_arguments: Callable | None = None
     load_into(model, load_tensors(record.dir / "model.safetensors"), str(record.dir / "model.safetensors"))
     if validate is not None:
         validate(cfg, model)
-    bd_test = rebuild_backdoor_test(meta, record.dir, dataset)
+    bd_test = rebuild_backdoor_test(meta, record.dir, dataset, cfg.cache_dir)
     if holds == "reserve":
         reserved = reserved_indices(dataset.train.labels, cfg, dataset.spec.num_classes, reserve_per_class)
         held = dataset.train.subset(reserved)

@@ -38,10 +38,16 @@ class Evaluator:
                  device, batch_size: int = 512, amp: bool = False, channels_last: bool = True):
         self.clean_images = clean_test.images.to(device)
         self.clean_labels = clean_test.labels
-        self.bd_images = backdoor_test.images.to(device)
-        self.bd_target, self.bd_true = backdoor_test.target_labels, backdoor_test.true_labels
+        self.device = device
+        self.set_backdoor(backdoor_test)
         self.kw = dict(normalizer=normalizer, device=device, batch_size=batch_size, amp=amp,
                        channels_last=channels_last)
+
+    def set_backdoor(self, backdoor_test: BackdoorTestSet) -> None:
+        """Replace the backdoor test set: an attack whose trigger is trained with the classifier
+        (Input-aware) remakes it from the current trigger before each evaluation."""
+        self.bd_images = backdoor_test.images.to(self.device)
+        self.bd_target, self.bd_true = backdoor_test.target_labels, backdoor_test.true_labels
 
     @property
     def num_images(self) -> int:

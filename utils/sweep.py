@@ -58,7 +58,7 @@ class Preset:
     attack_flags: tuple[str, ...] = ()
     defense_scale: float = 1.0   # multiplies defense schedules of LONG_SCHEDULE epochs or more
     evaluations: int = 10        # evaluations per defense run (its last epoch always among them)
-    cuts: dict = field(default_factory=dict)  # defense -> {flag: value}: lengths not counted in epochs
+    cuts: dict = field(default_factory=dict)  # script -> {flag: value}: lengths not counted in epochs
     about: str = ""
 
 
@@ -68,18 +68,21 @@ PRESETS = {
     # Narrow model and short schedules so that one attack with FT and D3 fits in ~25 minutes on 2 CPU cores.
     "cpu": Preset("preactresnet18_w16", ("--epochs", "18", "--lr", "0.05", "--eval_every", "6"), 0.6, 3,
                   {"anp": {"nb_iter": 500, "print_every": 125},  # a quarter of ANP's 2,000 mask batches
-                   "nc": {"nc_epoch": 20}},                      # a quarter of NC's 80 trigger epochs
+                   "nc": {"nc_epoch": 20},                       # a quarter of NC's 80 trigger epochs
+                   "inputaware": {"clean_train_epochs": 2}},     # 2 of 25 mask epochs (each ~3 narrow epochs)
                   "narrow PreAct-ResNet18 (width 16), 18 attack epochs at lr 0.05, 100-epoch defense schedules "
                   "cut to 60"),
     "cpu_small": Preset("preactresnet18_w16", ("--epochs", "18", "--lr", "0.05", "--eval_every", "6",
                                                "--train_subset", "25000"), 0.6, 3,
-                        {"anp": {"nb_iter": 500, "print_every": 125}, "nc": {"nc_epoch": 20}},
+                        {"anp": {"nb_iter": 500, "print_every": 125}, "nc": {"nc_epoch": 20},
+                         "inputaware": {"clean_train_epochs": 2}},
                         "as cpu, on a class-balanced half of the training set (the defender's 5% is 1,250 images)"),
     # A smoke run: every attack and defense end to end in about an hour on 2 CPU cores; its figures
     # show that things work, not how well.
     "smoke": Preset("preactresnet18_w16", ("--epochs", "6", "--lr", "0.05", "--eval_every", "3",
                                            "--train_subset", "10000"), 0.2, 2,
-                    {"anp": {"nb_iter": 200, "print_every": 50}, "nc": {"nc_epoch": 5}},
+                    {"anp": {"nb_iter": 200, "print_every": 50}, "nc": {"nc_epoch": 5},
+                     "inputaware": {"clean_train_epochs": 1}},
                     "SMOKE RUN: narrow PreAct-ResNet18 (width 16), 6 attack epochs on 10,000 training images "
                     "(the defender's 5% is 500), 100-epoch/round defense schedules cut to 20, ANP 200 batches, "
                     "NC 5 trigger epochs"),
@@ -201,9 +204,11 @@ class Sweep:
             for attack in self.attacks:
                 name = self.record_name(attack, seed)
                 epochs = ["--epochs", str(self.attack_epochs)] if self.attack_epochs else []
+                cuts = [f for k, v in self.preset.cuts.get(attack, {}).items() for f in (f"--{k}", str(v))]
                 args = ["--save_folder_name", name, "--model", self.model or self.preset.model, "--dataset", self.dataset,
                         *data_path,
-                        *self.preset.attack_flags, *epochs, *trigger_file_flags(attack, self.resource_dir), *run,
+                        *self.preset.attack_flags, *epochs, *cuts, *trigger_file_flags(attack, self.resource_dir),
+                        *run,
                         "--random_seed", str(seed), *self.attack_args]
                 attacks.append(Job("attack", attack, None, seed, name, str(record_dir), tuple(args),
                                    str(logs / f"{name}.log")))

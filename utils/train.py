@@ -1,9 +1,10 @@
 """One training loop for attacks and defenses, plus optimizer and scheduler builders.
 
 ``fit`` is deliberately small: a loss function ``(model, x, y) -> (loss, logs)`` says what is
-optimised, ``after_step`` runs after every optimiser step (D3's projection), ``on_epoch_start`` before
-every epoch (i-BAU's perturbation of the round), and ``on_epoch_end`` receives the epoch's training
-statistics (the runner's reporting hook; its return value is ignored). Each step goes through
+optimised, ``after_step`` runs after every optimiser step (D3's projection; a trained trigger's own
+optimiser), ``on_epoch_start`` before every epoch (i-BAU's perturbation of the round), ``after_epoch``
+after every epoch's scheduler step (a trained trigger's scheduler), and ``on_epoch_end`` receives the
+epoch's training statistics (the runner's reporting hook; its return value is ignored). Each step goes through
 ``optimizer.step(closure)``, PyTorch's protocol for optimisers that re-evaluate the loss, so a
 two-pass optimiser (:class:`utils.sam.SAM`) needs nothing else from the loop.
 
@@ -109,7 +110,8 @@ def fit(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer, schedu
         epochs: int, start_epoch: int = 0, amp: bool = False, train_mode: bool = True,
         after_step: Callable[[], None] | None = None, on_epoch_start: Callable[[int], None] | None = None,
         on_epoch_end: Callable[[int, dict], None] | None = None, desc: str = "train",
-        extra_state: dict | None = None, scheduler_per_batch: bool = False) -> None:
+        extra_state: dict | None = None, scheduler_per_batch: bool = False,
+        after_epoch: Callable[[], None] | None = None) -> None:
     """Train for ``epochs`` epochs; ``extra_state`` names further objects with ``state_dict`` /
     ``load_state_dict`` that a checkpoint must hold (a trigger generator, a second optimizer).
     ``scheduler_per_batch`` steps the scheduler after every batch instead of every epoch."""
@@ -156,6 +158,8 @@ def fit(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer, schedu
             scheduler.step(stats.get("train_loss", 0.0))
         elif not scheduler_per_batch:
             scheduler.step()
+        if after_epoch is not None:
+            after_epoch()
         if on_epoch_end is not None:
             on_epoch_end(epoch, stats)
         if checkpointing:
