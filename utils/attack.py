@@ -20,7 +20,11 @@ Optional, for attacks that poison differently:
     * ``snapshot_hook(cfg, artifacts, spec)`` for a training-controlled attack: its per-batch
       poisoning rule without the augmentation, from which :func:`poisoned_train_set` builds the
       fixed snapshot of the poisoned training set that BackdoorBench keeps after training;
-    * ``loss_fn(cfg, artifacts)`` the training loss (default: cross-entropy).
+    * ``loss_fn(cfg, artifacts)`` the training loss (default: cross-entropy);
+    * ``indexed_trigger = True`` for attacks whose poisoned images are looked up rather than computed
+      (SSBA's BackdoorBench ``.npy`` files): ``apply_trigger`` and ``apply_train_trigger`` then also
+      receive ``index``, the images' positions in the clean test / training set (the run's
+      ``--train_subset`` set), wherever the framework poisons or rebuilds a set.
 """
 from __future__ import annotations
 
@@ -63,6 +67,7 @@ class Attack:
     # Flags naming files on this machine (trigger images, .npy patterns): logged, kept out of the
     # record, which holds what was read from them (trigger.safetensors), so records stay portable.
     local_keys: tuple[str, ...] = ()
+    indexed_trigger: bool = False  # the trigger methods also take the images' indices (module docstring)
 
     @classmethod
     def add_arguments(cls, parser) -> None:
@@ -121,7 +126,13 @@ def get_attack(name: str) -> type[Attack]:
 
 
 def trigger_function(attack: type[Attack], artifacts: dict[str, torch.Tensor]):
-    return lambda images: attack.apply_trigger(images, artifacts)
+    """The test-time trigger as a function of a batch (and its indices, for an ``indexed_trigger`` attack)."""
+    return lambda images, *index: attack.apply_trigger(images, artifacts, *index)
+
+
+def train_trigger_function(attack: type[Attack], artifacts: dict[str, torch.Tensor]):
+    """The training-time trigger, as :func:`trigger_function`."""
+    return lambda images, *index: attack.apply_train_trigger(images, artifacts, *index)
 
 
 def _base_files(attack: type[Attack]):
@@ -238,10 +249,11 @@ def _train(attack, cfg, spec, dataset, device, work: Path, checkpoint: Checkpoin
                 f" (class-balanced training subset of {len(subset_index)})" if subset_index is not None else "")
 
     trigger = trigger_function(attack, artifacts)
-    poisoned = poison_train_set(dataset.train, poison_index, lambda x: attack.apply_train_trigger(x, artifacts),
+    poisoned = poison_train_set(dataset.train, poison_index, train_trigger_function(attack, artifacts),
                                 cfg.attack_label_trans, cfg.attack_target, spec.num_classes,
-                                relabel=not attack.clean_label)
-    bd_test = backdoor_test_set(dataset.test, trigger, cfg.attack_label_trans, cfg.attack_target, spec.num_classes)
+                                relabel=not attack.clean_label, indexed=attack.indexed_trigger)
+    bd_test = backdoor_test_set(dataset.test, trigger, cfg.attack_label_trans, cfg.attack_target, spec.num_classes,
+                                indexed=attack.indexed_trigger)
     indices = {"train_poison_index": poison_index, "test_backdoor_index": bd_test.index}
     if subset_index is not None:
         indices["train_subset_index"] = subset_index
@@ -351,9 +363,9 @@ def poisoned_train_set(record: AttackRecord, dataset: Dataset) -> ImageSet:
     meta, attack = record.meta, get_attack(record.meta["attack"])
     artifacts = load_tensors(record.dir / "trigger.safetensors")
     poison_index = load_tensors(record.dir / "indices.safetensors")["train_poison_index"]
-    poisoned = poison_train_set(dataset.train, poison_index, lambda x: attack.apply_train_trigger(x, artifacts),
+    poisoned = poison_train_set(dataset.train, poison_index, train_trigger_function(attack, artifacts),
                                 meta["attack_label_trans"], meta["attack_target"], dataset.spec.num_classes,
-                                relabel=not attack.clean_label)
+                                relabel=not attack.clean_label, indexed=attack.indexed_trigger)
     if tensor_fingerprint(poisoned.images, poisoned.labels) != meta["poisoned_train_fingerprint"]:
         raise UserError(f"the poisoned training set rebuilt from {record.dir} does not match the one the attack "
                         f"trained on; the record or the attack code changed")
@@ -376,7 +388,7 @@ def rebuild_backdoor_test(meta: dict, record_dir: Path, dataset: Dataset) -> Bac
     attack = get_attack(meta["attack"])
     artifacts = load_tensors(record_dir / "trigger.safetensors")
     bd = backdoor_test_set(dataset.test, trigger_function(attack, artifacts), meta["attack_label_trans"],
-                           meta["attack_target"], dataset.spec.num_classes)
+                           meta["attack_target"], dataset.spec.num_classes, indexed=attack.indexed_trigger)
     if backdoor_test_fingerprint(bd) != meta["backdoor_test_fingerprint"]:
         raise UserError(f"the backdoor test set rebuilt from {record_dir} does not match the one the attack "
                         f"used; the record or the attack code changed")
