@@ -15,7 +15,8 @@ from utils.record import load_tensors, read_json
 
 CIFAR = DATASETS["cifar10"]
 # The encoder's settings for tiny runs: one step of 32 tiny training images.
-TINY_ENCODER = ["--ssba_encoder_epochs", "1", "--ssba_encoder_subset", "32", "--ssba_encoder_batch_size", "32", "--ssba_l2_loss_await", "0", "--ssba_l2_loss_ramp", "1"]
+TINY_ENCODER = ["--ssba_encoder_epochs", "1", "--ssba_encoder_subset", "32", "--ssba_encoder_batch_size", "32",
+                "--ssba_l2_loss_await", "0", "--ssba_l2_loss_ramp", "1"]
 
 
 def cfg(**kw) -> Config:

@@ -60,7 +60,12 @@ class Preset:
     evaluations: int = 10        # evaluations per defense run (its last epoch always among them)
     cuts: dict = field(default_factory=dict)  # defense -> {flag: value}: lengths not counted in epochs
     about: str = ""
+    attack_extra: dict = field(default_factory=dict)  # attack -> flags of its own set-up (SSBA's encoder)
 
+
+# SSBA's encoder on a CPU: the documented reduced setting (attack/ssba.py), not 20 epochs of 50,000 images.
+SSBA_CPU = {"ssba": ("--ssba_encoder_epochs", "6", "--ssba_encoder_subset", "10000", "--ssba_l2_loss_await", "300",
+                     "--ssba_l2_loss_ramp", "300")}
 
 PRESETS = {
     "paper": Preset("preactresnet18", ("--eval_every", "10"),
@@ -70,11 +75,12 @@ PRESETS = {
                   {"anp": {"nb_iter": 500, "print_every": 125},  # a quarter of ANP's 2,000 mask batches
                    "nc": {"nc_epoch": 20}},                      # a quarter of NC's 80 trigger epochs
                   "narrow PreAct-ResNet18 (width 16), 18 attack epochs at lr 0.05, 100-epoch defense schedules "
-                  "cut to 60"),
+                  "cut to 60", SSBA_CPU),
     "cpu_small": Preset("preactresnet18_w16", ("--epochs", "18", "--lr", "0.05", "--eval_every", "6",
                                                "--train_subset", "25000"), 0.6, 3,
                         {"anp": {"nb_iter": 500, "print_every": 125}, "nc": {"nc_epoch": 20}},
-                        "as cpu, on a class-balanced half of the training set (the defender's 5% is 1,250 images)"),
+                        "as cpu, on a class-balanced half of the training set (the defender's 5% is 1,250 images)",
+                        SSBA_CPU),
     # A smoke run: every attack and defense end to end in about an hour on 2 CPU cores; its figures
     # show that things work, not how well.
     "smoke": Preset("preactresnet18_w16", ("--epochs", "6", "--lr", "0.05", "--eval_every", "3",
@@ -82,7 +88,7 @@ PRESETS = {
                     {"anp": {"nb_iter": 200, "print_every": 50}, "nc": {"nc_epoch": 5}},
                     "SMOKE RUN: narrow PreAct-ResNet18 (width 16), 6 attack epochs on 10,000 training images "
                     "(the defender's 5% is 500), 100-epoch/round defense schedules cut to 20, ANP 200 batches, "
-                    "NC 5 trigger epochs"),
+                    "NC 5 trigger epochs", SSBA_CPU),
 }
 
 
@@ -203,7 +209,8 @@ class Sweep:
                 epochs = ["--epochs", str(self.attack_epochs)] if self.attack_epochs else []
                 args = ["--save_folder_name", name, "--model", self.model or self.preset.model, "--dataset", self.dataset,
                         *data_path,
-                        *self.preset.attack_flags, *epochs, *trigger_file_flags(attack, self.resource_dir), *run,
+                        *self.preset.attack_flags, *self.preset.attack_extra.get(attack, ()), *epochs,
+                        *trigger_file_flags(attack, self.resource_dir), *run,
                         "--random_seed", str(seed), *self.attack_args]
                 attacks.append(Job("attack", attack, None, seed, name, str(record_dir), tuple(args),
                                    str(logs / f"{name}.log")))
