@@ -306,6 +306,7 @@ class InputAware(Attack):
     """Input-aware dynamic backdoor (Nguyen & Tran, NeurIPS 2020), BackdoorBench defaults: per-image triggers from a generator trained with the classifier."""  # noqa: E501
     name = "inputaware"
     learns_trigger = True
+    cache_rebuilt_test_set = True  # the exact float64 set takes minutes on a CPU
 
     @classmethod
     def add_arguments(cls, parser) -> None:

@@ -19,7 +19,14 @@ Optional, for attacks that poison differently:
     * ``snapshot_hook(cfg, artifacts, spec)`` for a training-controlled attack (WaNet, Input-aware): its per-batch
       poisoning rule without the augmentation, from which :func:`poisoned_train_set` builds the
       fixed snapshot of the poisoned training set that BackdoorBench keeps after training;
-    * ``loss_fn(cfg, artifacts)`` the training loss (default: cross-entropy).
+    * ``loss_fn(cfg, artifacts)`` the training loss (default: cross-entropy);
+    * ``indexed_trigger = True`` for attacks whose poisoned images are looked up rather than computed
+      (SSBA's BackdoorBench ``.npy`` files): ``apply_trigger`` and ``apply_train_trigger`` then also
+      receive ``index``, the images' positions in the clean test / training set (the run's
+      ``--train_subset`` set), wherever the framework poisons or rebuilds a set;
+    * ``cache_rebuilt_test_set = True`` when rebuilding the backdoor test set exactly takes minutes on
+      a CPU (a generator run in float64: Input-aware, SSBA): the attack and every rebuild keep the set
+      in the data cache, named by its fingerprint, and use a cached set only when it matches.
 
 Triggers trained with the classifier (Input-aware's pattern generator, whose weights change every
 step and which the classifier's loss trains through the poisoned images) set ``learns_trigger`` and
@@ -105,6 +112,8 @@ class Attack:
     # Flags naming files on this machine (trigger images, .npy patterns): logged, kept out of the
     # record, which holds what was read from them (trigger.safetensors), so records stay portable.
     local_keys: tuple[str, ...] = ()
+    indexed_trigger: bool = False  # the trigger methods also take the images' indices (module docstring)
+    cache_rebuilt_test_set: bool = False  # the exact rebuild is slow: keep the rebuilt set in the cache
 
     @classmethod
     def add_arguments(cls, parser) -> None:
@@ -175,7 +184,13 @@ def get_attack(name: str) -> type[Attack]:
 
 
 def trigger_function(attack: type[Attack], artifacts: dict[str, torch.Tensor]):
-    return lambda images: attack.apply_trigger(images, artifacts)
+    """The test-time trigger as a function of a batch (and its indices, for an ``indexed_trigger`` attack)."""
+    return lambda images, *index: attack.apply_trigger(images, artifacts, *index)
+
+
+def train_trigger_function(attack: type[Attack], artifacts: dict[str, torch.Tensor]):
+    """The training-time trigger, as :func:`trigger_function`."""
+    return lambda images, *index: attack.apply_train_trigger(images, artifacts, *index)
 
 
 def _base_files(attack: type[Attack]):
@@ -291,13 +306,14 @@ def _train(attack, cfg, spec, dataset, device, work: Path, checkpoint: Checkpoin
                 len(dataset.test), dataset.fingerprint,
                 f" (class-balanced training subset of {len(subset_index)})" if subset_index is not None else "")
 
-    poisoned = poison_train_set(dataset.train, poison_index, lambda x: attack.apply_train_trigger(x, artifacts),
+    poisoned = poison_train_set(dataset.train, poison_index, train_trigger_function(attack, artifacts),
                                 cfg.attack_label_trans, cfg.attack_target, spec.num_classes,
-                                relabel=not attack.clean_label)
+                                relabel=not attack.clean_label, indexed=attack.indexed_trigger)
     # A learned trigger's backdoor test set is made before every evaluation (:class:`_LearnedBackdoor`);
     # until then it holds the clean images of its samples.
     trigger = (lambda x: x) if attack.learns_trigger else trigger_function(attack, artifacts)
-    bd_test = backdoor_test_set(dataset.test, trigger, cfg.attack_label_trans, cfg.attack_target, spec.num_classes)
+    bd_test = backdoor_test_set(dataset.test, trigger, cfg.attack_label_trans, cfg.attack_target, spec.num_classes,
+                                indexed=attack.indexed_trigger)
     indices = {"train_poison_index": poison_index, "test_backdoor_index": bd_test.index}
     if subset_index is not None:
         indices["train_subset_index"] = subset_index
@@ -340,7 +356,8 @@ def _train(attack, cfg, spec, dataset, device, work: Path, checkpoint: Checkpoin
     if learned is not None:  # the trained trigger is the record's; its test set is the last exact one
         save_tensors(work / "trigger.safetensors", learned.trainable.artifacts())
         bd_test = learned.final_set()
-        _store_cached_set(_learned_set_cache(cfg.cache_dir, backdoor_test_fingerprint(bd_test)), bd_test)
+    if attack.cache_rebuilt_test_set:  # so that defenses on this machine need not rebuild it
+        _store_cached_set(_cached_set_path(cfg.cache_dir, backdoor_test_fingerprint(bd_test)), bd_test)
     save_tensors(work / "model.safetensors", model.state_dict())
     summary = {"clean_acc": final["clean_acc"], "asr": final["asr"], "ra": final["ra"], "epochs": cfg.epochs,
                "train_seconds": sum(r["train_seconds"] for r in reporter.rows),
@@ -457,9 +474,9 @@ def poisoned_train_set(record: AttackRecord, dataset: Dataset) -> ImageSet:
     meta, attack = record.meta, get_attack(record.meta["attack"])
     artifacts = load_tensors(record.dir / "trigger.safetensors")
     poison_index = load_tensors(record.dir / "indices.safetensors")["train_poison_index"]
-    poisoned = poison_train_set(dataset.train, poison_index, lambda x: attack.apply_train_trigger(x, artifacts),
+    poisoned = poison_train_set(dataset.train, poison_index, train_trigger_function(attack, artifacts),
                                 meta["attack_label_trans"], meta["attack_target"], dataset.spec.num_classes,
-                                relabel=not attack.clean_label)
+                                relabel=not attack.clean_label, indexed=attack.indexed_trigger)
     if tensor_fingerprint(poisoned.images, poisoned.labels) != meta["poisoned_train_fingerprint"]:
         raise UserError(f"the poisoned training set rebuilt from {record.dir} does not match the one the attack "
                         f"trained on; the record or the attack code changed")
@@ -485,12 +502,12 @@ def rebuild_backdoor_test(meta: dict, record_dir: Path, dataset: Dataset, cache_
     record's fingerprint of that set; a cached set is used only when it has that fingerprint."""
     attack = get_attack(meta["attack"])
     expected = meta["backdoor_test_fingerprint"]
-    cache = _learned_set_cache(cache_dir, expected) if attack.learns_trigger else None
+    cache = _cached_set_path(cache_dir, expected) if attack.cache_rebuilt_test_set else None
     bd = _load_cached_set(cache, expected) if cache is not None else None
     if bd is None:
         artifacts = load_tensors(record_dir / "trigger.safetensors")
         bd = backdoor_test_set(dataset.test, trigger_function(attack, artifacts), meta["attack_label_trans"],
-                               meta["attack_target"], dataset.spec.num_classes)
+                               meta["attack_target"], dataset.spec.num_classes, indexed=attack.indexed_trigger)
         if backdoor_test_fingerprint(bd) != expected:
             raise UserError(f"the backdoor test set rebuilt from {record_dir} does not match the one the attack "
                             f"used; the record or the attack code changed")
@@ -499,7 +516,7 @@ def rebuild_backdoor_test(meta: dict, record_dir: Path, dataset: Dataset, cache_
     return bd
 
 
-def _learned_set_cache(cache_dir, fingerprint: str) -> Path:
+def _cached_set_path(cache_dir, fingerprint: str) -> Path:
     base = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     return base / "backdoor_test_sets" / f"{fingerprint}.safetensors"
 

@@ -71,21 +71,27 @@ def backdoor_test_indices(labels: torch.Tensor, rule: str, target: int, num_clas
     return torch.nonzero(attack_labels(labels, rule, target, num_classes) != labels).flatten()
 
 
-def apply_in_batches(trigger: TriggerFn, images: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
-    """Apply a batched trigger to many images without holding float copies of them all."""
+def apply_in_batches(trigger: TriggerFn, images: torch.Tensor, batch_size: int = 4096,
+                     index: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply a batched trigger to many images without holding float copies of them all. With
+    ``index`` (the images' positions in their clean set) the trigger is called as
+    ``trigger(batch, batch_index)``: for attacks whose poisoned images are looked up, not computed."""
     out = torch.empty_like(images)
     for i in range(0, images.shape[0], batch_size):
-        out[i:i + batch_size] = trigger(images[i:i + batch_size])
+        extra = () if index is None else (index[i:i + batch_size],)
+        out[i:i + batch_size] = trigger(images[i:i + batch_size], *extra)
     return out
 
 
 def poison_train_set(clean: ImageSet, poison_index: torch.Tensor, trigger: TriggerFn, rule: str, target: int,
-                     num_classes: int, relabel: bool = True) -> ImageSet:
+                     num_classes: int, relabel: bool = True, indexed: bool = False) -> ImageSet:
     """The training set the victim sees: the chosen samples carry the trigger and (unless the attack
-    is clean-label, ``relabel=False``) the attack label."""
+    is clean-label, ``relabel=False``) the attack label. ``indexed``: the trigger also takes the
+    samples' indices (:func:`apply_in_batches`)."""
     images, labels = clean.images.clone(), clean.labels.clone()
     if len(poison_index):
-        images[poison_index] = apply_in_batches(trigger, clean.images[poison_index])
+        images[poison_index] = apply_in_batches(trigger, clean.images[poison_index],
+                                                index=poison_index if indexed else None)
         if relabel:
             labels[poison_index] = attack_labels(clean.labels[poison_index], rule, target, num_classes)
     return ImageSet(images, labels)
@@ -104,8 +110,9 @@ class BackdoorTestSet:
 
 
 def backdoor_test_set(clean_test: ImageSet, trigger: TriggerFn, rule: str, target: int,
-                      num_classes: int) -> BackdoorTestSet:
+                      num_classes: int, indexed: bool = False) -> BackdoorTestSet:
+    """``indexed``: the trigger also takes the test samples' indices (:func:`apply_in_batches`)."""
     index = backdoor_test_indices(clean_test.labels, rule, target, num_classes)
     true = clean_test.labels[index]
-    return BackdoorTestSet(apply_in_batches(trigger, clean_test.images[index]),
+    return BackdoorTestSet(apply_in_batches(trigger, clean_test.images[index], index=index if indexed else None),
                            attack_labels(true, rule, target, num_classes), true, index)

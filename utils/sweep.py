@@ -62,6 +62,10 @@ class Preset:
     about: str = ""
 
 
+# SSBA's encoder on a CPU: the documented reduced setting (attack/ssba.py), not 20 epochs of 50,000 images.
+SSBA_CPU = {"ssba_encoder_epochs": 6, "ssba_encoder_subset": 10000, "ssba_l2_loss_await": 300,
+            "ssba_l2_loss_ramp": 300}
+
 PRESETS = {
     "paper": Preset("preactresnet18", ("--eval_every", "10"),
                     about="the paper's protocol: PreAct-ResNet18, BackdoorBench's attack and defense settings"),
@@ -69,20 +73,21 @@ PRESETS = {
     "cpu": Preset("preactresnet18_w16", ("--epochs", "18", "--lr", "0.05", "--eval_every", "6"), 0.6, 3,
                   {"anp": {"nb_iter": 500, "print_every": 125},  # a quarter of ANP's 2,000 mask batches
                    "nc": {"nc_epoch": 20},                       # a quarter of NC's 80 trigger epochs
-                   "inputaware": {"clean_train_epochs": 2}},     # 2 of 25 mask epochs (each ~3 narrow epochs)
+                   "inputaware": {"clean_train_epochs": 2},      # 2 of 25 mask epochs (each ~3 narrow epochs)
+                   "ssba": SSBA_CPU},
                   "narrow PreAct-ResNet18 (width 16), 18 attack epochs at lr 0.05, 100-epoch defense schedules "
                   "cut to 60"),
     "cpu_small": Preset("preactresnet18_w16", ("--epochs", "18", "--lr", "0.05", "--eval_every", "6",
                                                "--train_subset", "25000"), 0.6, 3,
                         {"anp": {"nb_iter": 500, "print_every": 125}, "nc": {"nc_epoch": 20},
-                         "inputaware": {"clean_train_epochs": 2}},
+                         "inputaware": {"clean_train_epochs": 2}, "ssba": SSBA_CPU},
                         "as cpu, on a class-balanced half of the training set (the defender's 5% is 1,250 images)"),
     # A smoke run: every attack and defense end to end in about an hour on 2 CPU cores; its figures
     # show that things work, not how well.
     "smoke": Preset("preactresnet18_w16", ("--epochs", "6", "--lr", "0.05", "--eval_every", "3",
                                            "--train_subset", "10000"), 0.2, 2,
                     {"anp": {"nb_iter": 200, "print_every": 50}, "nc": {"nc_epoch": 5},
-                     "inputaware": {"clean_train_epochs": 1}},
+                     "inputaware": {"clean_train_epochs": 1}, "ssba": SSBA_CPU},
                     "SMOKE RUN: narrow PreAct-ResNet18 (width 16), 6 attack epochs on 10,000 training images "
                     "(the defender's 5% is 500), 100-epoch/round defense schedules cut to 20, ANP 200 batches, "
                     "NC 5 trigger epochs"),
