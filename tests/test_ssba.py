@@ -88,9 +88,20 @@ def test_encoder_shapes_and_output_modes():
 def test_encoder_is_trained_once_then_cached(tiny_data, tmp_path, caplog):
     dataset = load_dataset("cifar10", str(tiny_data["pickles"]), None)
     c = cfg(cache_dir=str(tmp_path), ssba_encoder_epochs=1, ssba_encoder_subset=32, ssba_encoder_batch_size=32)
-    with caplog.at_level("INFO"):
-        first = SSBA.trained_networks(c, CIFAR, dataset)[0].state_dict()
-        second = SSBA.trained_networks(c, CIFAR, dataset)[0].state_dict()
+    # The toolkit's logger stops propagating once any run has set up logging (earlier tests in the
+    # session), so caplog's handler is attached to it directly.
+    import logging
+
+    from utils.runner import LOGGER_NAME, setup_logging
+    setup_logging()  # as a run leaves it, whatever ran before this test
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("INFO", logger=LOGGER_NAME):
+            first = SSBA.trained_networks(c, CIFAR, dataset)[0].state_dict()
+            second = SSBA.trained_networks(c, CIFAR, dataset)[0].state_dict()
+    finally:
+        logger.removeHandler(caplog.handler)
     assert "training the encoder/decoder on 32" in caplog.text and "from the cache" in caplog.text
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert len(list((tmp_path / "ssba").iterdir())) == 1
