@@ -89,7 +89,7 @@ from models import create_model  # noqa: E402
 from utils.attack import Attack, new_model, register_attack, run_attack  # noqa: E402
 from utils.backdoor import random_subset  # noqa: E402
 from utils.config import resolve_device, seed_everything  # noqa: E402
-from utils.data import BatchLoader, Normalizer, default_cache_dir, tensor_fingerprint  # noqa: E402
+from utils.data import BatchLoader, Normalizer, cache_root, tensor_fingerprint  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.progress import progress  # noqa: E402
 from utils.record import load_into, load_tensors, load_weights, save_tensors, sha256_file, write_json  # noqa: E402
@@ -425,7 +425,7 @@ def _trained_clean_model(cfg, spec, dataset, device, root: Path, settings: dict)
 
 
 def _cache_root(cfg) -> Path:
-    base = Path(cfg.cache_dir).expanduser() if getattr(cfg, "cache_dir", None) else default_cache_dir()
+    base = cache_root(getattr(cfg, "cache_dir", None))
     return base / "lowFrequency"
 
 

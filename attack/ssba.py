@@ -94,7 +94,7 @@ import torch.nn.functional as F  # noqa: E402
 from utils.attack import Attack, register_attack, run_attack  # noqa: E402
 from utils.backdoor import backdoor_test_indices, balanced_subset  # noqa: E402
 from utils.config import resolve_device, str2bool  # noqa: E402
-from utils.data import default_cache_dir, tensor_fingerprint  # noqa: E402
+from utils.data import cache_root, tensor_fingerprint  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.progress import progress  # noqa: E402
 from utils.record import load_tensors, save_tensors, write_json  # noqa: E402
@@ -546,7 +546,7 @@ def _check_flags(cfg) -> None:
 
 
 def _cache_root(cfg) -> Path:
-    base = Path(cfg.cache_dir).expanduser() if getattr(cfg, "cache_dir", None) else default_cache_dir()
+    base = cache_root(getattr(cfg, "cache_dir", None))
     return base / "ssba"
 
 

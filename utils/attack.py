@@ -58,7 +58,7 @@ from utils.backdoor import (LABEL_TRANSFORMS, BackdoorTestSet, backdoor_test_set
                             poison_train_set, select_poison_indices, stream_generator)
 from utils.config import (CONFIG_DIR, Config, add_common_arguments, check_range, check_training, new_parser,
                           require, resolve_config, resolve_device, seed_everything, str2bool)
-from utils.data import (BatchLoader, Dataset, DatasetSpec, ImageSet, Normalizer, default_cache_dir, get_spec,
+from utils.data import (BatchLoader, Dataset, DatasetSpec, ImageSet, Normalizer, cache_root, get_spec,
                         load_dataset, tensor_fingerprint)
 from utils.errors import UserError
 from utils.evaluate import Evaluator
@@ -517,7 +517,7 @@ def rebuild_backdoor_test(meta: dict, record_dir: Path, dataset: Dataset, cache_
 
 
 def _cached_set_path(cache_dir, fingerprint: str) -> Path:
-    base = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    base = cache_root(cache_dir)
     return base / "backdoor_test_sets" / f"{fingerprint}.safetensors"
 
 

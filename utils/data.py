@@ -570,6 +570,12 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("BACKDOOR_CACHE_DIR", Path.home() / ".cache" / "backdoor-toolkit"))
 
 
+def cache_root(cache_dir=None) -> Path:
+    """``--cache_dir`` when given (``~`` expanded), else the default cache: where generated triggers,
+    trained encoders and rebuilt backdoor sets are kept."""
+    return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+
+
 def _decode(spec: DatasetSpec, kind: str, location: Path):
     if kind == "cifar_pickle":
         return _read_cifar10_pickles(location)
