@@ -82,7 +82,6 @@ CPU: ``--model preactresnet18_w16 --epochs 18 --lr 0.05 --clean_train_epochs 2 -
 """
 from __future__ import annotations
 
-import logging
 import math
 import sys
 from pathlib import Path
@@ -98,7 +97,7 @@ from utils.backdoor import attack_labels, stream_generator  # noqa: E402
 from utils.config import resolve_device, str2bool  # noqa: E402
 from utils.data import BatchLoader, Normalizer  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.runner import LOGGER_NAME, cli_main  # noqa: E402
+from utils.runner import cli_main, run_logger  # noqa: E402
 from utils.train import fit  # noqa: E402
 
 OUT_EPS = 1e-7     # the generators' fixed epsilon in tanh(z) / (2 + eps) + 0.5
@@ -401,7 +400,7 @@ class InputAware(Attack):
 
 def train_mask(netM: nn.Module, train, cfg, spec, device) -> None:
     """Stage 1 (see the module docstring) through the shared loop, logged per epoch."""
-    logger = logging.getLogger(LOGGER_NAME)
+    logger = run_logger()
     netM.to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(netM.parameters(), cfg.lr_M, betas=ADAM_BETAS)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.schedulerM_milestones), cfg.schedulerM_lambda)

@@ -74,7 +74,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -93,7 +92,7 @@ from utils.data import BatchLoader, Normalizer, cache_root, tensor_fingerprint  
 from utils.errors import UserError  # noqa: E402
 from utils.progress import progress  # noqa: E402
 from utils.record import load_into, load_tensors, load_weights, save_tensors, sha256_file, write_json  # noqa: E402
-from utils.runner import LOGGER_NAME, cli_main, place_model  # noqa: E402
+from utils.runner import cli_main, run_logger, place_model  # noqa: E402
 from utils.train import build_optimizer, build_scheduler, cross_entropy_loss, fit  # noqa: E402
 
 PATTERN_RANGE = 51.0  # 0.2 * 255: the paper's normalisation, the range of BackdoorBench's published files
@@ -179,7 +178,7 @@ def read_pattern_file(path: Path, image_size: int) -> np.ndarray:
     shape = arr.shape
     if arr.ndim == 4 and shape[0] >= 1:
         if shape[0] > 1:
-            _logger().info("trigger file %s holds %d patterns; taking the first, as BackdoorBench does", path, shape[0])
+            run_logger().info("trigger file %s holds %d patterns; taking the first, as BackdoorBench does", path, shape[0])
         arr = arr[0]
     elif arr.ndim == 2:
         arr = np.stack((arr,) * 3, axis=-1)
@@ -194,7 +193,7 @@ def read_pattern_file(path: Path, image_size: int) -> np.ndarray:
     if arr.dtype.kind == "f" and arr.min() >= 0 and 0 < arr.max() <= 1:
         # BackdoorBench's published VGG19-BN and ViT-B/16 files for CIFAR-10 are float 0..0.2, which it
         # adds unscaled to 0..255 images: its trigger all but vanishes there.
-        _logger().warning("trigger file %s holds values in [0, 1] (max %.4g), the [0, 1] image scale; scaled to "
+        run_logger().warning("trigger file %s holds values in [0, 1] (max %.4g), the [0, 1] image scale; scaled to "
                           "0..255 here (max %.4g). BackdoorBench adds such a file to 0..255 images unscaled, so "
                           "its trigger all but vanishes and its figures for these files measure that",
                           path, float(arr.max()), float(arr.max()) * 255)
@@ -260,7 +259,7 @@ def universal_low_frequency_pattern(model: torch.nn.Module, images: torch.Tensor
         quantized = v.round().clamp_(0, PATTERN_RANGE)
         rate = success(quantized)
         bar.set_postfix(rate=f"{rate:.3f}")
-        _logger().info("lf trigger: pass %d/%d, %s rate %.4f on %d clean training images", p + 1, passes,
+        run_logger().info("lf trigger: pass %d/%d, %s rate %.4f on %d clean training images", p + 1, passes,
                        "target" if rule == "all2one" else "fooling", rate, n)
         if rate > best_rate:
             best, best_rate = quantized, rate
@@ -298,7 +297,7 @@ class LowFrequency(Attack):
         if cfg.lowFrequencyPatternPath:
             path = resolve_pattern_path(cfg.lowFrequencyPatternPath, spec.name, cfg.model)
             arr = read_pattern_file(path, spec.image_size)
-            _logger().info("low-frequency trigger from %s: %s %s, values %g..%g", path, "x".join(map(str, arr.shape)),
+            run_logger().info("low-frequency trigger from %s: %s %s, values %g..%g", path, "x".join(map(str, arr.shape)),
                            arr.dtype, float(arr.min()), float(arr.max()))
             return {"pattern": pattern_tensor(arr)}
         _check_generator_flags(cfg, spec)
@@ -313,7 +312,7 @@ class LowFrequency(Attack):
     @classmethod
     def generated_pattern(cls, cfg, spec, dataset) -> np.ndarray:
         """The generated trigger (uint8 H x W x 3), from the cache when this setting made one before."""
-        logger = _logger()
+        logger = run_logger()
         root = _cache_root(cfg)
         train_fp = tensor_fingerprint(dataset.train.images, dataset.train.labels)
         clean = {"dataset": spec.name, "train_fingerprint": train_fp, "model": cfg.model,
@@ -390,7 +389,7 @@ def _uap_images(cfg, dataset) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _trained_clean_model(cfg, spec, dataset, device, root: Path, settings: dict) -> torch.nn.Module:
     """A clean ``cfg.model`` trained as the attack trains (same settings, clean data), cached by its settings."""
-    logger = _logger()
+    logger = run_logger()
     cache = root / "clean_models" / f"{spec.name}_{cfg.model}-{_key(settings)}.safetensors"
     model = create_model(cfg.model, spec.num_classes, pretrained=False)
     if cache.is_file():
@@ -443,10 +442,6 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
     finally:
         tmp.unlink(missing_ok=True)
 
-
-def _logger() -> logging.Logger:
-    """The run's logger (its lines reach the console at once and the record's log once it exists)."""
-    return logging.getLogger(LOGGER_NAME)
 
 
 def main(argv: list[str] | None = None):

@@ -79,7 +79,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import sys
 from pathlib import Path
@@ -98,7 +97,7 @@ from utils.data import cache_root, tensor_fingerprint  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.progress import progress  # noqa: E402
 from utils.record import load_tensors, save_tensors, write_json  # noqa: E402
-from utils.runner import LOGGER_NAME, cli_main  # noqa: E402
+from utils.runner import cli_main, run_logger  # noqa: E402
 
 FINGERPRINT_BITS = 100       # BackdoorBench's --fingerprint_length
 BCH_POLYNOMIAL, BCH_T = 137, 5  # StegaStamp's / BackdoorBench's BCH(137, 5): GF(2^7), 5 correctable bit errors
@@ -296,7 +295,7 @@ def train_stegastamp(images: torch.Tensor, *, resolution: int, bits: int = FINGE
     resource/ssba/train.py recipe): Adam on both, loss ``w_l2(step) * MSE + bce_weight * BCE``, the L2
     weight 0 for ``l2_await`` steps then ramping linearly to ``l2_weight`` over ``l2_ramp`` steps.
     ``steps`` stops early (tests)."""
-    log = log or _logger()
+    log = log or run_logger()
     torch.manual_seed(seed)
     channels = images.shape[1]
     encoder = StegaEncoder(resolution, bits, channels, residual).to(device)
@@ -441,7 +440,7 @@ class SSBA(Attack):
         test_images = _rows(test, test_index)
         p = psnr(dataset.test.images[test_index], test_images)
         p = float(p[torch.isfinite(p)].mean()) if torch.isfinite(p).any() else float("inf")
-        _logger().info("SSBA poisoned images from %s (%d training rows used) and %s (%d test rows used); PSNR "
+        run_logger().info("SSBA poisoned images from %s (%d training rows used) and %s (%d test rows used); PSNR "
                        "%.2f dB against the clean test images", train_path, len(train_index), test_path,
                        len(test_index), p)
         return {"train_images": _rows(train, train_index), "train_index": train_index,
@@ -459,7 +458,7 @@ class SSBA(Attack):
         # images can differ from these only in pixels within 1e-6 of a rounding boundary).
         device = resolve_device(cfg.device)
         figures = measure(encoder.to(device), decoder.to(device), dataset.test.images, bits)
-        _logger().info("SSBA encoder on the %d clean test images: PSNR %.2f dB (target >= 27), bit accuracy %.4f "
+        run_logger().info("SSBA encoder on the %d clean test images: PSNR %.2f dB (target >= 27), bit accuracy %.4f "
                        "(target >= 0.95), secret %r recovered after BCH in %.4f of them", len(dataset.test),
                        figures["psnr"], figures["bit_accuracy"], cfg.ssba_secret, figures["secret_recovery"])
         artifacts.update({k: torch.tensor(v, dtype=torch.float64) for k, v in figures.items()})
@@ -468,7 +467,7 @@ class SSBA(Attack):
     @classmethod
     def trained_networks(cls, cfg, spec, dataset) -> tuple[StegaEncoder, StegaDecoder]:
         """The encoder/decoder for these settings, from the cache or trained on the training images."""
-        logger = _logger()
+        logger = run_logger()
         images = dataset.train.images
         if cfg.ssba_encoder_subset is not None:
             chosen = balanced_subset(dataset.train.labels, cfg.ssba_encoder_subset, cfg.random_seed,
@@ -549,10 +548,6 @@ def _cache_root(cfg) -> Path:
     base = cache_root(getattr(cfg, "cache_dir", None))
     return base / "ssba"
 
-
-def _logger() -> logging.Logger:
-    """The run's logger (its lines reach the console at once and the record's log once it exists)."""
-    return logging.getLogger(LOGGER_NAME)
 
 
 def main(argv: list[str] | None = None):

@@ -292,11 +292,11 @@ def test_unit_scale_files_are_scaled_with_a_warning():
     seen = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: seen.append(record.getMessage())
-    lf._logger().addHandler(handler)
+    lf.run_logger().addHandler(handler)
     try:
         arr = lf.read_pattern_file(vgg, 32)
     finally:
-        lf._logger().removeHandler(handler)
+        lf.run_logger().removeHandler(handler)
     assert np.allclose(arr, raw[0].astype(np.float64) * 255) and any("scaled to 0..255" in m for m in seen)
 
 

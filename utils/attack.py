@@ -47,7 +47,6 @@ scheduler, accumulated gradients) goes into the checkpoint through ``fit``'s ``e
 from __future__ import annotations
 
 import importlib
-import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -64,9 +63,9 @@ from utils.errors import UserError
 from utils.evaluate import Evaluator
 from utils.record import (load_tensors, read_json, read_manifest, read_yaml, save_tensors, sha256_file,
                           write_json, write_manifest, write_yaml)
-from utils.runner import (CHECKPOINT, LOGGER_NAME, Checkpoint, EpochReporter, announce_plan, check_writable,
+from utils.runner import (CHECKPOINT, Checkpoint, EpochReporter, announce_plan, check_writable,
                           describe_unfinished, is_finished, log_config, log_to_file, place_model, plan_output,
-                          setup_logging, writing_output)
+                          run_logger, setup_logging, writing_output)
 from utils.train import build_optimizer, build_scheduler, cross_entropy_loss, fit
 
 # Machine-local settings: logged, but kept out of records so that a record is portable.
@@ -290,7 +289,7 @@ def run_attack(attack: type[Attack], argv=None) -> Path:
             checkpoint = Checkpoint(work / CHECKPOINT, portable(cfg, attack.local_keys),
                                     {"poison_index": poison_index})
         _train(attack, cfg, spec, dataset, device, work, checkpoint, artifacts, poison_index, subset_index)
-    logger = logging.getLogger(LOGGER_NAME)
+    logger = run_logger()
     logger.info("attack record finished: %s; defend it with, e.g., python defense/d3.py --result_file %s%s",
                 out_dir, cfg.save_folder_name, "" if record_dir == Path("record") else f" --record_dir {record_dir}")
     return out_dir
@@ -538,4 +537,4 @@ def _store_cached_set(path: Path, bd: BackdoorTestSet) -> None:
         save_tensors(path, {"images": bd.images, "target_labels": bd.target_labels, "true_labels": bd.true_labels,
                             "index": bd.index})
     except OSError as e:
-        logging.getLogger(LOGGER_NAME).warning("could not cache the rebuilt backdoor test set at %s (%s)", path, e)
+        run_logger().warning("could not cache the rebuilt backdoor test set at %s (%s)", path, e)

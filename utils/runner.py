@@ -86,6 +86,12 @@ class _Pending(logging.Handler):
         self.records.append(record)
 
 
+def run_logger() -> logging.Logger:
+    """The run's logger, for code outside the runner (a trigger being made, a cache written): its lines
+    reach the console at once and the record's log once :func:`log_to_file` names it."""
+    return logging.getLogger(LOGGER_NAME)
+
+
 def setup_logging() -> logging.Logger:
     """The run's logger: the console at once, and the log file once :func:`log_to_file` names it
     (lines logged before, e.g. while a trigger is made, are written there too)."""
