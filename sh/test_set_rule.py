@@ -35,6 +35,7 @@ from utils.data import Normalizer, load_dataset  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.evaluate import Evaluator, predict  # noqa: E402
 from utils.metrics import accuracy  # noqa: E402
+from utils.progress import progress  # noqa: E402
 from utils.record import load_into, load_tensors, read_json, read_yaml  # noqa: E402
 from utils.runner import cli_main, place_model  # noqa: E402
 
@@ -45,7 +46,8 @@ def anp_rule(model, out: Path, evaluate) -> str:
     steps = int(round(cfg["pruning_max"] / cfg["pruning_step"]))
     base = evaluate(model)
     rows = []
-    for t in [round(i * cfg["pruning_step"], 10) for i in range(steps + 1)]:
+    thresholds = [round(i * cfg["pruning_step"], 10) for i in range(steps + 1)]
+    for t in progress(thresholds, desc="anp: thresholds on the test sets", unit="threshold"):
         pruned = copy.deepcopy(model)
         count = sum(1 for value, _, _ in ranking if value <= t)
         anp.prune_neurons(pruned, ranking[:count])
@@ -76,7 +78,7 @@ def fp_rule(model, out: Path, evaluate) -> str:
         return pruned
 
     kept = 0
-    for count in range(step, len(ranking) + 1, step):
+    for count in progress(range(step, len(ranking) + 1, step), desc="fp: pruned counts on the test set", unit="count"):
         if (base["clean_acc"] - evaluate(pruned_by(count), clean_only=True)["clean_acc"]) / base["clean_acc"] \
                 > cfg["acc_ratio"]:
             break
