@@ -92,7 +92,7 @@ from utils.data import BatchLoader, Normalizer, cache_root, tensor_fingerprint  
 from utils.errors import UserError  # noqa: E402
 from utils.progress import progress  # noqa: E402
 from utils.record import load_into, load_tensors, load_weights, save_tensors, sha256_file, write_json  # noqa: E402
-from utils.runner import cli_main, run_logger, place_model  # noqa: E402
+from utils.runner import cli_main, place_model, run_logger  # noqa: E402
 from utils.train import build_optimizer, build_scheduler, cross_entropy_loss, fit  # noqa: E402
 
 PATTERN_RANGE = 51.0  # 0.2 * 255: the paper's normalisation, the range of BackdoorBench's published files
@@ -194,9 +194,9 @@ def read_pattern_file(path: Path, image_size: int) -> np.ndarray:
         # BackdoorBench's published VGG19-BN and ViT-B/16 files for CIFAR-10 are float 0..0.2, which it
         # adds unscaled to 0..255 images: its trigger all but vanishes there.
         run_logger().warning("trigger file %s holds values in [0, 1] (max %.4g), the [0, 1] image scale; scaled to "
-                          "0..255 here (max %.4g). BackdoorBench adds such a file to 0..255 images unscaled, so "
-                          "its trigger all but vanishes and its figures for these files measure that",
-                          path, float(arr.max()), float(arr.max()) * 255)
+                             "0..255 here (max %.4g). BackdoorBench adds such a file to 0..255 images unscaled, so "
+                             "its trigger all but vanishes and its figures for these files measure that",
+                             path, float(arr.max()), float(arr.max()) * 255)
         return arr.astype(np.float64) * 255
     if arr.min() >= 0 and arr.max() < 1:
         raise UserError(f"trigger file {path} holds values in [0, 1) only (max {float(arr.max()):.4g}): added to "
@@ -260,7 +260,7 @@ def universal_low_frequency_pattern(model: torch.nn.Module, images: torch.Tensor
         rate = success(quantized)
         bar.set_postfix(rate=f"{rate:.3f}")
         run_logger().info("lf trigger: pass %d/%d, %s rate %.4f on %d clean training images", p + 1, passes,
-                       "target" if rule == "all2one" else "fooling", rate, n)
+                          "target" if rule == "all2one" else "fooling", rate, n)
         if rate > best_rate:
             best, best_rate = quantized, rate
     bar.close()
@@ -298,7 +298,7 @@ class LowFrequency(Attack):
             path = resolve_pattern_path(cfg.lowFrequencyPatternPath, spec.name, cfg.model)
             arr = read_pattern_file(path, spec.image_size)
             run_logger().info("low-frequency trigger from %s: %s %s, values %g..%g", path, "x".join(map(str, arr.shape)),
-                           arr.dtype, float(arr.min()), float(arr.max()))
+                              arr.dtype, float(arr.min()), float(arr.max()))
             return {"pattern": pattern_tensor(arr)}
         _check_generator_flags(cfg, spec)
         if dataset is None:
@@ -441,7 +441,6 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
 
 
 def main(argv: list[str] | None = None):

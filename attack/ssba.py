@@ -441,8 +441,8 @@ class SSBA(Attack):
         p = psnr(dataset.test.images[test_index], test_images)
         p = float(p[torch.isfinite(p)].mean()) if torch.isfinite(p).any() else float("inf")
         run_logger().info("SSBA poisoned images from %s (%d training rows used) and %s (%d test rows used); PSNR "
-                       "%.2f dB against the clean test images", train_path, len(train_index), test_path,
-                       len(test_index), p)
+                          "%.2f dB against the clean test images", train_path, len(train_index), test_path,
+                          len(test_index), p)
         return {"train_images": _rows(train, train_index), "train_index": train_index,
                 "test_images": test_images, "test_index": test_index, "psnr": torch.tensor(p, dtype=torch.float64)}
 
@@ -459,8 +459,8 @@ class SSBA(Attack):
         device = resolve_device(cfg.device)
         figures = measure(encoder.to(device), decoder.to(device), dataset.test.images, bits)
         run_logger().info("SSBA encoder on the %d clean test images: PSNR %.2f dB (target >= 27), bit accuracy %.4f "
-                       "(target >= 0.95), secret %r recovered after BCH in %.4f of them", len(dataset.test),
-                       figures["psnr"], figures["bit_accuracy"], cfg.ssba_secret, figures["secret_recovery"])
+                          "(target >= 0.95), secret %r recovered after BCH in %.4f of them", len(dataset.test),
+                          figures["psnr"], figures["bit_accuracy"], cfg.ssba_secret, figures["secret_recovery"])
         artifacts.update({k: torch.tensor(v, dtype=torch.float64) for k, v in figures.items()})
         return artifacts
 
@@ -547,7 +547,6 @@ def _check_flags(cfg) -> None:
 def _cache_root(cfg) -> Path:
     base = cache_root(getattr(cfg, "cache_dir", None))
     return base / "ssba"
-
 
 
 def main(argv: list[str] | None = None):

@@ -90,11 +90,9 @@ def test_encoder_is_trained_once_then_cached(tiny_data, tmp_path, caplog):
     c = cfg(cache_dir=str(tmp_path), ssba_encoder_epochs=1, ssba_encoder_subset=32, ssba_encoder_batch_size=32)
     # The toolkit's logger stops propagating once any run has set up logging (earlier tests in the
     # session), so caplog's handler is attached to it directly.
-    import logging
-
-    from utils.runner import LOGGER_NAME, setup_logging
+    from utils.runner import LOGGER_NAME, run_logger, setup_logging
     setup_logging()  # as a run leaves it, whatever ran before this test
-    logger = logging.getLogger(LOGGER_NAME)
+    logger = run_logger()
     logger.addHandler(caplog.handler)
     try:
         with caplog.at_level("INFO", logger=LOGGER_NAME):

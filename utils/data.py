@@ -625,7 +625,7 @@ def load_dataset(name: str, path: str | os.PathLike, cache_dir: str | os.PathLik
         raise UserError(_layout_help(spec, path))
     kind, location = source
 
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache_dir = cache_root(cache_dir)
     cache_file = cache_dir / f"{spec.name}-{_source_key(kind, location)}.safetensors"
     if cache_file.is_file():
         try:

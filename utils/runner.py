@@ -95,7 +95,7 @@ def run_logger() -> logging.Logger:
 def setup_logging() -> logging.Logger:
     """The run's logger: the console at once, and the log file once :func:`log_to_file` names it
     (lines logged before, e.g. while a trigger is made, are written there too)."""
-    logger = logging.getLogger(LOGGER_NAME)
+    logger = run_logger()
     logger.setLevel(logging.INFO)
     for h in list(logger.handlers):
         logger.removeHandler(h)
@@ -110,7 +110,7 @@ def setup_logging() -> logging.Logger:
 
 def log_to_file(log_file: Path) -> logging.Logger:
     """Add the run's log file (appended to on resume), first writing the lines logged so far."""
-    logger = logging.getLogger(LOGGER_NAME)
+    logger = run_logger()
     fh = logging.FileHandler(log_file)
     fh.setFormatter(_FORMAT)
     for h in list(logger.handlers):
