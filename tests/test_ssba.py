@@ -1,5 +1,7 @@
 """SSBA (attack/ssba.py): the BCH-coded secret, the StegaStamp-style encoder/decoder, BackdoorBench's
 .npy files, and records that rebuild their poisoned sets exactly."""
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -196,3 +198,31 @@ def test_bad_secret_exits_2_before_training(capsys, tiny_data, tmp_path):
             "--cache_dir", str(tmp_path / "cache")]
     expect_error(capsys, main, argv, "at most 7")
     assert not (tmp_path / "rec" / "bad").exists() and not (tmp_path / "cache" / "ssba").exists()
+
+
+def test_training_restarts_when_the_bits_do_not_take_off(monkeypatch):
+    """The take-off check: bits still at chance at the end of the L2 await start training again from a
+    new initialisation, at most ``restarts`` times; bits above the bar, or no await, never do."""
+    import attack.ssba as ssba
+    images = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    seeds = []
+    real_init = ssba.StegaEncoder.__init__
+
+    def recording_init(self, *args, **kwargs):
+        seeds.append(torch.initial_seed())
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(ssba.StegaEncoder, "__init__", recording_init)
+    kwargs = dict(resolution=16, bits=8, epochs=2, batch_size=8, lr=1e-3, l2_weight=1, bce_weight=1, l2_ramp=1,
+                  residual=False, seed=5, device="cpu")
+    warnings = []
+    log = types.SimpleNamespace(info=lambda *a: None, warning=lambda msg, *a: warnings.append(msg % a))
+    monkeypatch.setattr(ssba, "TAKEOFF_BIT_ACCURACY", 1.01)  # no run can reach it: every checked attempt restarts
+    train_stegastamp(images, l2_await=3, restarts=2, log=log, **kwargs)
+    assert seeds == [5, 6, 7]
+    assert len(warnings) == 2 and all("did not take off" in w for w in warnings)
+    for await_steps, bar in ((3, 0.0), (0, 1.01)):  # bits above the bar; no await, no check
+        seeds.clear()
+        monkeypatch.setattr(ssba, "TAKEOFF_BIT_ACCURACY", bar)
+        train_stegastamp(images, l2_await=await_steps, restarts=2, log=log, **kwargs)
+        assert seeds == [5] and len(warnings) == 2
