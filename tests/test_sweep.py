@@ -169,6 +169,17 @@ def test_pool_runs_skips_resumes_and_refuses(tiny_data, tmp_path, capsys, monkey
     expect_error(capsys, launch.main, sweep_argv(tiny_data, records, "--defenses", "ft,nope"), "unknown defense nope")
 
 
+def test_parallel_pool_jobs_share_the_cpu_threads():
+    """Several jobs on one machine each get an equal share of the cores (OMP_NUM_THREADS), never
+    overriding the user's setting; one job keeps PyTorch's default; a GPU slot is the job's only GPU."""
+    from utils.sweep import job_environment
+    assert job_environment(None, 2, base={}, cpus=16)["OMP_NUM_THREADS"] == "8"
+    assert job_environment(None, 4, base={}, cpus=2)["OMP_NUM_THREADS"] == "1"
+    assert job_environment(None, 2, base={"OMP_NUM_THREADS": "3"}, cpus=16)["OMP_NUM_THREADS"] == "3"
+    assert "OMP_NUM_THREADS" not in job_environment(None, 1, base={}, cpus=16)
+    assert job_environment("1", 4, base={}, cpus=16) == {"CUDA_VISIBLE_DEVICES": "1", "OMP_NUM_THREADS": "4"}
+
+
 def test_submitit_local_executor_orders_and_reports_failures(tiny_data, tmp_path, capsys, monkeypatch):
     pytest.importorskip("submitit")
     monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # the launcher extends it
