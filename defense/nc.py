@@ -47,7 +47,7 @@ from utils.data import ImageSet  # noqa: E402
 from utils.defense import run_defense  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.progress import progress  # noqa: E402
-from utils.runner import cli_main  # noqa: E402
+from utils.runner import cli_main, run_logger  # noqa: E402
 from utils.train import build_optimizer, build_scheduler, cross_entropy_loss, fit  # noqa: E402
 
 TANH_EPS = 1e-7  # BackdoorBench's EPSILON: keeps tanh(.) / (2 + eps) + 1/2 strictly inside (0, 1)
@@ -163,6 +163,11 @@ def reverse_engineer(model, loader, classes: list[int], cfg, normalizer, shape) 
         for i in active:
             schedules[i].end_epoch(float(acc_sum[i]) / batches, float(norm_sum[i]) / batches,
                                    squash(masks[i]).detach(), squash(patterns[i]).detach())
+        if (epoch + 1) % max(1, cfg.nc_epoch // 8) == 0:  # the search takes most of NC's time: say where it is
+            run_logger().info("nc: epoch %d/%d, classes %d-%d: smallest mask L1 norm reaching %.0f%% so far %s; "
+                              "%d still searching", epoch + 1, cfg.nc_epoch, classes[0], classes[-1],
+                              cfg.atk_succ_threshold, [round(s.best_norm, 1) for s in schedules],
+                              sum(not s.stopped for s in schedules))
     return schedules
 
 
