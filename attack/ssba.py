@@ -71,9 +71,9 @@ Deviations from BackdoorBench, and why:
   * a take-off check (:func:`train_stegastamp`): when the training bit accuracy is still at chance at
     the end of the L2 await (below 0.55 over its last 50 steps), training starts again from a new
     initialisation, at most twice. The published recipe often sits at chance for good (its users'
-    reports; both CPU runs here with PyTorch's default initialisation), and its users restart it by
-    hand. With He initialisation the bits left chance within about 100 steps in all three runs
-    measured here (seeds 0 and 1 on 4,000 CIFAR-10 images, and the reduced setting below), so the
+    reports; two CPU runs here, started before He initialisation was added), and its users restart
+    it by hand. With He initialisation the bits left chance within about 100 steps in all three runs
+    measured here (seeds 0 and 1 on 4,000 CIFAR-10 images, and the reduced setting above), so the
     check is a safety net that costs nothing when training takes off. A final bit accuracy still
     below 0.55 is logged as a warning;
   * the decoder is not in the record (only the encoder is needed to rebuild the poisoned sets);
