@@ -100,7 +100,8 @@ class BadNet(Attack):
             mask = _trigger_image(cfg.mask_path, size, "mask") > 0
         else:
             mask = patch > 0
-        return {"patch": torch.from_numpy(patch), "mask": torch.from_numpy(mask.astype(np.uint8))}
+        # A file's pixels come as a read-only view of the PIL image: copy them into the tensor.
+        return {"patch": torch.tensor(patch), "mask": torch.from_numpy(mask.astype(np.uint8))}
 
     @staticmethod
     def apply_trigger(images: torch.Tensor, artifacts: dict[str, torch.Tensor]) -> torch.Tensor:
