@@ -15,6 +15,7 @@ from conftest import ROOT, TINY, copy_record, expect_error, run_args
 from models import create_model
 from utils.defense import run_defense
 from utils.record import load_tensors, save_tensors, sha256_file
+from utils.results import NO_DEFENSE, collect
 
 ATTACK_FILES = {"record.json", "config.yaml", "model.safetensors", "indices.safetensors", "trigger.safetensors",
                 "metrics.csv", "summary.json", "attack.log", "attack_acc_like_metric_plots.png",
@@ -149,6 +150,20 @@ def test_defense_bad_input(capsys, tiny_data, tiny_record, tmp_path):
     (rec / "record.json").write_text(json.dumps(meta))
     expect_error(capsys, d3.main, ["--result_file", "badnet", *base], "do not fit")
     assert not (rec / "defense" / "d3").exists()
+
+
+def test_save_name_keeps_a_variant_beside_the_default_run(capsys, tiny_data, tiny_record, tmp_path):
+    """``--save_name`` writes a variant to its own folder, which the table builder shows as its own
+    column; a name that is not one plain folder name is refused with one line, nothing written."""
+    rec = copy_record(tiny_record, tmp_path)
+    base = ["--result_file", "badnet", *run_args(tiny_data, tmp_path), "--epochs", "1"]
+    expect_error(capsys, ft.main, [*base, "--save_name", "../ft"], "--save_name '../ft'")
+    assert not (rec / "defense").exists()
+    ft.main(base)
+    ft.main([*base, "--lr", "0.05", "--save_name", "ft_lr0.05"])
+    assert yaml.safe_load((rec / "defense" / "ft_lr0.05" / "config.yaml").read_text())["lr"] == 0.05
+    assert yaml.safe_load((rec / "defense" / "ft" / "config.yaml").read_text())["lr"] == 0.01
+    assert {r.defense for r in collect(tmp_path)} == {NO_DEFENSE, "ft", "ft_lr0.05"}
 
 
 def test_reserved_index_file_is_used(tiny_data, tiny_record, tmp_path):

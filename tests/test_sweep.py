@@ -169,6 +169,12 @@ def test_pool_runs_skips_resumes_and_refuses(tiny_data, tmp_path, capsys, monkey
     expect_error(capsys, launch.main, sweep_argv(tiny_data, records, "--defenses", "ft,nope"), "unknown defense nope")
 
 
+def test_a_defense_job_with_save_name_is_looked_for_in_its_own_folder(tiny_data, tmp_path):
+    argv = sweep_argv(tiny_data, tmp_path / "records", "--defense_args", "--lr 0.05 --save_name ft_lr0.05")
+    job = next(j for j in launch.sweep_from(launch.parser().parse_args(argv)).jobs() if j.kind == "defense")
+    assert job.output == tmp_path / "records" / "t_badnet_s0" / "defense" / "ft_lr0.05"
+
+
 def test_parallel_pool_jobs_share_the_cpu_threads():
     """Several jobs on one machine each get an equal share of the cores (OMP_NUM_THREADS), never
     overriding the user's setting; one job keeps PyTorch's default; a GPU slot is the job's only GPU."""

@@ -25,6 +25,7 @@ saved and reloaded as data (``model_wrapper`` in record.json) and evaluated like
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -195,6 +196,17 @@ class DefenseReport(EpochHook):
 HOLDS = ("reserve", "poisoned_train")
 
 
+def output_name(save_name: str | None, defense: str) -> str:
+    """The defense's output folder name: ``--save_name`` when given (checked to be one plain folder
+    name), else the script's name."""
+    if save_name is None:
+        return defense
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", save_name):
+        raise UserError(f"--save_name {save_name!r}: give one folder name of letters, digits, '_', '-' and '.' "
+                        f"(e.g. {defense}_variant)")
+    return save_name
+
+
 def run_defense(name: str, purify: Purify, add_arguments: Callable | None = None, argv=None,
                 description: str | None = None, reserve_per_class: bool = False,
                 validate: Callable[[Config, torch.nn.Module], None] | None = None, holds: str = "reserve",
@@ -218,6 +230,9 @@ def run_defense(name: str, purify: Purify, add_arguments: Callable | None = None
                    help="file of training-set indices the defender holds (overrides --ratio)")
     g.add_argument("--resume", type=str2bool, nargs="?", const=True,
                    help="continue an interrupted run from its last finished epoch")
+    g.add_argument("--save_name", type=str,
+                   help=f"output folder under <record>/defense/ (default: {name}); another name keeps a variant "
+                        f"(other settings) beside the default run, as its own column in the tables")
     if add_arguments is not None:
         add_arguments(parser.add_argument_group(name))
     base = CONFIG_DIR / "defense" / name / "config.yaml"
@@ -244,7 +259,7 @@ def run_defense(name: str, purify: Purify, add_arguments: Callable | None = None
     device = resolve_device(cfg.device)
 
     # Everything that can refuse the run is checked before the slow work and before any write.
-    out_dir = record.dir / "defense" / name
+    out_dir = record.dir / "defense" / output_name(cfg.save_name, name)
     check_writable(out_dir.parent, "--record_dir")
     work = plan_output(out_dir, overwrite=bool(cfg.overwrite), resume=bool(cfg.resume))
     checkpoint = Checkpoint(work / CHECKPOINT, portable(cfg))

@@ -166,7 +166,9 @@ class Job:
 
     @property
     def output(self) -> Path:
-        return self.record_path / "defense" / self.defense if self.kind == "defense" else self.record_path
+        if self.kind != "defense":
+            return self.record_path
+        return self.record_path / "defense" / _flag_values(self.args).get("save_name", self.defense)
 
     @property
     def label(self) -> str:
