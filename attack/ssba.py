@@ -85,6 +85,7 @@ Deviations from BackdoorBench, and why:
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import math
@@ -313,17 +314,18 @@ def train_stegastamp(images: torch.Tensor, *, resolution: int, bits: int = FINGE
     ``TAKEOFF_BIT_ACCURACY``, training starts again from a new initialisation (seed + 1, ...), at
     most ``restarts`` times; the last attempt always runs to the end. No check when ``l2_await`` is 0."""
     log = log or run_logger()
-    for attempt in range(restarts + 1):
+    attempt = 0
+    while True:
         encoder, decoder, early = _train_attempt(
             images, resolution=resolution, bits=bits, epochs=epochs, batch_size=batch_size, lr=lr,
             l2_weight=l2_weight, bce_weight=bce_weight, l2_await=l2_await, l2_ramp=l2_ramp, residual=residual,
             seed=seed + attempt, device=device, steps=steps, log=log, check=attempt < restarts)
-        if early is None:
+        if early is None:  # always so for the last attempt, which is not checked
             return encoder.eval(), decoder.eval()
+        attempt += 1
         log.warning("ssba encoder: training bit accuracy %.3f after the %d-step L2 await (chance 0.5, needed %.2f): "
                     "the bits did not take off; starting again from a new initialisation (seed %d, attempt %d of %d)",
-                    early, l2_await, TAKEOFF_BIT_ACCURACY, seed + attempt + 1, attempt + 2, restarts + 1)
-    raise AssertionError("unreachable: the last attempt is never checked")
+                    early, l2_await, TAKEOFF_BIT_ACCURACY, seed + attempt, attempt + 1, restarts + 1)
 
 
 def _train_attempt(images, *, resolution, bits, epochs, batch_size, lr, l2_weight, bce_weight, l2_await, l2_ramp,
@@ -340,7 +342,7 @@ def _train_attempt(images, *, resolution, bits, epochs, batch_size, lr, l2_weigh
     per_epoch = -(-n // batch_size)
     total = epochs * per_epoch if steps is None else min(steps, epochs * per_epoch)
     check_at = l2_await if check and 0 < l2_await <= total else None
-    recent = []  # training bit accuracy of the steps before check_at
+    recent = collections.deque(maxlen=TAKEOFF_WINDOW)  # training bit accuracy of the last steps
     bar = progress(total=total, desc="ssba encoder", unit="step")
     step = 0
     for epoch in range(epochs):
@@ -362,17 +364,16 @@ def _train_attempt(images, *, resolution, bits, epochs, batch_size, lr, l2_weigh
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            acc = ((logits > 0).float() == fp).float().mean()
-            sums += torch.tensor([l2.item(), bce.item(), acc.item()])
+            values = (l2.item(), bce.item(), ((logits > 0).float() == fp).float().mean().item())
+            sums += torch.tensor(values)
             count += 1
             step += 1
             bar.update()
-            bar.set_postfix(l2=f"{l2.item():.4f}", bit_acc=f"{acc.item():.3f}")
-            if check_at is not None:
-                recent = (recent + [acc.item()])[-TAKEOFF_WINDOW:]
-                if step == check_at and sum(recent) / len(recent) < TAKEOFF_BIT_ACCURACY:
-                    bar.close()
-                    return encoder, decoder, sum(recent) / len(recent)
+            bar.set_postfix(l2=f"{values[0]:.4f}", bit_acc=f"{values[2]:.3f}")
+            recent.append(values[2])
+            if step == check_at and sum(recent) / len(recent) < TAKEOFF_BIT_ACCURACY:
+                bar.close()
+                return encoder, decoder, sum(recent) / len(recent)
         if count:
             l2m, bcem, accm = (sums / count).tolist()
             log.info("ssba encoder: epoch %d/%d  step %d  l2=%.5f (PSNR ~%.1f dB)  bce=%.4f  bit_acc=%.4f  "
