@@ -36,6 +36,7 @@ args=(--attacks "$ATTACKS" --defenses "$DEFENSES" --preset "$PRESET" --dataset "
 python sh/launch.py "${args[@]}" "$@"
 status=$?
 if [ "$status" -eq 2 ]; then exit 2; fi  # bad input: the launcher said what, nothing ran
+if [ "$status" -eq 130 ]; then exit 130; fi  # interrupted: the same command resumes; the table comes at the end
 for arg in "$@"; do [ "$arg" = --dry_run ] && exit 0; done
 # shellcheck disable=SC2086
 python sh/results_table.py --record_dir "$RECORD_DIR" --out "$TABLE" $TABLE_ARGS || status=$?

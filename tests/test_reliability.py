@@ -5,6 +5,9 @@ import importlib
 import io
 import json
 import logging
+import os
+import signal
+import time
 
 import pytest
 import torch
@@ -20,7 +23,7 @@ from utils.errors import UserError
 from utils.progress import progress
 from utils.record import load_tensors, read_yaml, sha256_file
 from utils.results import build_tables, collect, format_runs, format_text
-from utils.runner import announce_plan, check_writable, cli_main, staging_dir
+from utils.runner import announce_plan, check_writable, claim_output, cli_main, staging_dir
 
 
 def interrupted(capsys, main, argv) -> str:
@@ -136,6 +139,48 @@ def test_interrupt_before_the_first_epoch_keeps_nothing(capsys, monkeypatch, tin
     message = interrupted(capsys, badnet.main, ["--save_folder_name", "x", *run_args(tiny_data, tmp_path), *TINY])
     assert "the attack badnet" in message and "before its first epoch finished; nothing of it was kept" in message
     assert not (tmp_path / "x").exists()
+
+
+def test_a_second_run_on_the_same_output_is_refused(capsys, tiny_data, tiny_record, tmp_path):
+    rec = copy_record(tiny_record, tmp_path)
+    out = rec / "defense" / "ft"
+    out.parent.mkdir()
+    with claim_output(out):  # another run (here: this test) is writing defense/ft
+        with pytest.raises(UserError, match="another run is writing"), claim_output(out):
+            pass
+        expect_error(capsys, ft.main, ["--result_file", rec.name, *run_args(tiny_data, tmp_path), "--epochs", "1",
+                                       "--resume"], f"another run is writing {out} now")
+        assert not out.exists()
+    assert not (out.parent / ".ft.lock").exists()  # the claim ends with its run and leaves no file
+    ft.main(["--result_file", rec.name, *run_args(tiny_data, tmp_path), "--epochs", "1"])
+    assert (out / "record.json").is_file() and not (out.parent / ".ft.lock").exists()
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_stop_a_run_as_ctrl_c_does(capsys, signame):
+    """A cluster's time limit or a closed terminal: the interruption message and exit code 128 + signal;
+    a signal the process started ignoring (nohup) stays ignored."""
+    signum = getattr(signal, signame)
+
+    def main(argv):
+        os.kill(os.getpid(), signum)
+        time.sleep(5)  # the signal arrives before this ends
+        raise AssertionError("the signal did not stop the run")
+
+    before = signal.signal(signum, signal.SIG_DFL)  # as a script starts (pytest's runner may differ)
+    try:
+        with pytest.raises(SystemExit) as exc:
+            cli_main(main, [])
+        assert exc.value.code == 128 + signum
+        assert "interrupted before anything was written" in capsys.readouterr().err
+        assert signal.getsignal(signum) is signal.SIG_DFL  # the previous handler is back
+
+        signal.signal(signum, signal.SIG_IGN)  # started under nohup (SIGHUP) or told to ignore it
+        cli_main(lambda argv: os.kill(os.getpid(), signum), [])  # ignored: the run goes on and ends
+        assert signal.getsignal(signum) is signal.SIG_IGN
+    finally:
+        if before is not None:  # None: a handler set outside Python, which cannot be put back
+            signal.signal(signum, before)
 
 
 # ----------------------------------------------------------------------------- records verified

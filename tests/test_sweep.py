@@ -186,6 +186,37 @@ def test_parallel_pool_jobs_share_the_cpu_threads():
     assert job_environment("1", 4, base={}, cpus=16) == {"CUDA_VISIBLE_DEVICES": "1", "OMP_NUM_THREADS": "4"}
 
 
+def test_an_interrupted_launcher_leaves_no_job_running():
+    """A job that stopped by itself (Ctrl-C reached it) is waited for; one that did not (the launcher
+    alone was signalled) gets SIGTERM after the grace period."""
+    import subprocess
+    import sys
+    import time
+    from utils.sweep import stop_jobs
+    quick = subprocess.Popen([sys.executable, "-c", "pass"])
+    stuck = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    start = time.monotonic()
+    stop_jobs([quick, stuck], grace_seconds=0.5)
+    assert time.monotonic() - start < 30
+    assert quick.returncode == 0 and stuck.returncode == -15  # SIGTERM
+
+
+@pytest.mark.parametrize("launcher_code,table_built", [(0, True), (1, True), (2, False), (130, False)])
+def test_sweep_sh_builds_the_table_unless_the_input_was_bad_or_the_sweep_interrupted(tmp_path, launcher_code,
+                                                                                        table_built):
+    """sh/sweep.sh with a stand-in ``python`` on PATH that logs its arguments and exits as told for the
+    launcher: the table follows a finished or partly failed sweep, not bad input or an interruption."""
+    import subprocess
+    stub, calls = tmp_path / "bin" / "python", tmp_path / "calls"
+    stub.parent.mkdir()
+    stub.write_text(f'#!/bin/sh\necho "$1" >> {calls}\ncase "$1" in *launch.py) exit {launcher_code};; esac\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}", "RECORD_DIR": str(tmp_path)}
+    done = subprocess.run(["bash", str(ROOT / "sh" / "sweep.sh")], env=env, capture_output=True, text=True)
+    assert done.returncode == launcher_code, done.stderr
+    assert calls.read_text().split() == ["sh/launch.py"] + (["sh/results_table.py"] if table_built else [])
+
+
 def test_submitit_local_executor_orders_and_reports_failures(tiny_data, tmp_path, capsys, monkeypatch):
     pytest.importorskip("submitit")
     monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # the launcher extends it

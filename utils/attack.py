@@ -63,7 +63,7 @@ from utils.errors import UserError
 from utils.evaluate import Evaluator
 from utils.record import (load_tensors, read_json, read_manifest, read_yaml, save_tensors, sha256_file,
                           write_json, write_manifest, write_yaml)
-from utils.runner import (CHECKPOINT, Checkpoint, EpochReporter, announce_plan, check_writable,
+from utils.runner import (CHECKPOINT, Checkpoint, EpochReporter, announce_plan, check_writable, claim_output,
                           describe_unfinished, is_finished, log_config, log_to_file, place_model, plan_output,
                           run_logger, setup_logging, writing_output)
 from utils.train import build_optimizer, build_scheduler, cross_entropy_loss, fit
@@ -266,29 +266,30 @@ def run_attack(attack: type[Attack], argv=None) -> Path:
     record_dir = Path(cfg.record_dir)
     check_writable(record_dir, "--record_dir")
     out_dir = record_dir / cfg.save_folder_name
-    work = plan_output(out_dir, overwrite=bool(cfg.overwrite), resume=bool(cfg.resume))
-    checkpoint = None
-    if (work / CHECKPOINT).is_file():
-        checkpoint = Checkpoint.load(work / CHECKPOINT, portable(cfg, attack.local_keys), RESUMABLE_KEYS)
-    dataset = load_dataset(cfg.dataset, cfg.dataset_path, cfg.cache_dir)
-    subset_index = None
-    if cfg.train_subset is not None:
-        subset_index = balanced_subset(dataset.train.labels, cfg.train_subset, cfg.random_seed, spec.num_classes)
-        dataset = replace(dataset, train=dataset.train.subset(subset_index))
-    # Trigger and poison indices are fixed at the start and reloaded on resume.
-    if checkpoint is None:
-        artifacts = attack.make_trigger(cfg, spec, dataset)
-        poison_index = attack.select_poison_index(cfg, dataset.train.labels)
-    else:
-        artifacts = load_tensors(work / "trigger.safetensors")
-        poison_index = checkpoint.extra["poison_index"]
-    with writing_output(f"the attack {attack.name} -> {out_dir}", work, out_dir):
+    with claim_output(out_dir):  # a second run on the same output is refused
+        work = plan_output(out_dir, overwrite=bool(cfg.overwrite), resume=bool(cfg.resume))
+        checkpoint = None
+        if (work / CHECKPOINT).is_file():
+            checkpoint = Checkpoint.load(work / CHECKPOINT, portable(cfg, attack.local_keys), RESUMABLE_KEYS)
+        dataset = load_dataset(cfg.dataset, cfg.dataset_path, cfg.cache_dir)
+        subset_index = None
+        if cfg.train_subset is not None:
+            subset_index = balanced_subset(dataset.train.labels, cfg.train_subset, cfg.random_seed, spec.num_classes)
+            dataset = replace(dataset, train=dataset.train.subset(subset_index))
+        # Trigger and poison indices are fixed at the start and reloaded on resume.
         if checkpoint is None:
-            save_tensors(work / "trigger.safetensors", artifacts)
-            write_yaml(work / "config.yaml", portable(cfg, attack.local_keys))
-            checkpoint = Checkpoint(work / CHECKPOINT, portable(cfg, attack.local_keys),
-                                    {"poison_index": poison_index})
-        _train(attack, cfg, spec, dataset, device, work, checkpoint, artifacts, poison_index, subset_index)
+            artifacts = attack.make_trigger(cfg, spec, dataset)
+            poison_index = attack.select_poison_index(cfg, dataset.train.labels)
+        else:
+            artifacts = load_tensors(work / "trigger.safetensors")
+            poison_index = checkpoint.extra["poison_index"]
+        with writing_output(f"the attack {attack.name} -> {out_dir}", work, out_dir):
+            if checkpoint is None:
+                save_tensors(work / "trigger.safetensors", artifacts)
+                write_yaml(work / "config.yaml", portable(cfg, attack.local_keys))
+                checkpoint = Checkpoint(work / CHECKPOINT, portable(cfg, attack.local_keys),
+                                        {"poison_index": poison_index})
+            _train(attack, cfg, spec, dataset, device, work, checkpoint, artifacts, poison_index, subset_index)
     logger = run_logger()
     logger.info("attack record finished: %s; defend it with, e.g., python defense/d3.py --result_file %s%s",
                 out_dir, cfg.save_folder_name, "" if record_dir == Path("record") else f" --record_dir {record_dir}")

@@ -44,7 +44,7 @@ from utils.evaluate import Evaluator, predict
 from utils.metrics import der
 from utils.record import load_into, load_tensors, save_tensors, write_json, write_manifest, write_yaml
 from utils.runner import (CHECKPOINT, Checkpoint, EpochReporter, announce_plan, check_writable, log_config,
-                          log_to_file, place_model, plan_output, save_plot, setup_logging,
+                          claim_output, log_to_file, place_model, plan_output, save_plot, setup_logging,
                           write_csv, writing_output)
 from utils.train import EpochHook
 
@@ -261,28 +261,29 @@ def run_defense(name: str, purify: Purify, add_arguments: Callable | None = None
     # Everything that can refuse the run is checked before the slow work and before any write.
     out_dir = record.dir / "defense" / output_name(cfg.save_name, name)
     check_writable(out_dir.parent, "--record_dir")
-    work = plan_output(out_dir, overwrite=bool(cfg.overwrite), resume=bool(cfg.resume))
-    checkpoint = Checkpoint(work / CHECKPOINT, portable(cfg))
-    if (work / CHECKPOINT).is_file():
-        checkpoint = Checkpoint.load(work / CHECKPOINT, portable(cfg), RESUMABLE_KEYS)
-    dataset = load_dataset(cfg.dataset, cfg.dataset_path, cfg.cache_dir)
-    if dataset.fingerprint != meta["dataset"]["fingerprint"]:
-        raise UserError(f"the data at {cfg.dataset_path} (fingerprint {dataset.fingerprint}) is not the data the "
-                        f"attack used ({meta['dataset']['fingerprint']}); pass the --dataset_path the attack used")
-    dataset = load_train_set(record, dataset)
-    model = create_model(cfg.model, dataset.spec.num_classes, pretrained=False)  # the record's weights follow
-    load_into(model, load_tensors(record.dir / "model.safetensors"), str(record.dir / "model.safetensors"))
-    if validate is not None:
-        validate(cfg, model)
-    bd_test = rebuild_backdoor_test(meta, record.dir, dataset, cfg.cache_dir)
-    if holds == "reserve":
-        reserved = reserved_indices(dataset.train.labels, cfg, dataset.spec.num_classes, reserve_per_class)
-        held = dataset.train.subset(reserved)
-    else:
-        reserved, held = None, poisoned_train_set(record, dataset)
-    with writing_output(f"the defense {name} on {record.dir}", work, out_dir):
-        _defend(name, purify, cfg, work, record, model, dataset, bd_test, reserved, held, device, checkpoint,
-                dataset.train if reads_clean_train is not None and reads_clean_train(cfg) else None)
+    with claim_output(out_dir):  # a second run on the same output is refused
+        work = plan_output(out_dir, overwrite=bool(cfg.overwrite), resume=bool(cfg.resume))
+        checkpoint = Checkpoint(work / CHECKPOINT, portable(cfg))
+        if (work / CHECKPOINT).is_file():
+            checkpoint = Checkpoint.load(work / CHECKPOINT, portable(cfg), RESUMABLE_KEYS)
+        dataset = load_dataset(cfg.dataset, cfg.dataset_path, cfg.cache_dir)
+        if dataset.fingerprint != meta["dataset"]["fingerprint"]:
+            raise UserError(f"the data at {cfg.dataset_path} (fingerprint {dataset.fingerprint}) is not the data the "
+                            f"attack used ({meta['dataset']['fingerprint']}); pass the --dataset_path the attack used")
+        dataset = load_train_set(record, dataset)
+        model = create_model(cfg.model, dataset.spec.num_classes, pretrained=False)  # the record's weights follow
+        load_into(model, load_tensors(record.dir / "model.safetensors"), str(record.dir / "model.safetensors"))
+        if validate is not None:
+            validate(cfg, model)
+        bd_test = rebuild_backdoor_test(meta, record.dir, dataset, cfg.cache_dir)
+        if holds == "reserve":
+            reserved = reserved_indices(dataset.train.labels, cfg, dataset.spec.num_classes, reserve_per_class)
+            held = dataset.train.subset(reserved)
+        else:
+            reserved, held = None, poisoned_train_set(record, dataset)
+        with writing_output(f"the defense {name} on {record.dir}", work, out_dir):
+            _defend(name, purify, cfg, work, record, model, dataset, bd_test, reserved, held, device, checkpoint,
+                    dataset.train if reads_clean_train is not None and reads_clean_train(cfg) else None)
     return out_dir
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -36,10 +37,25 @@ class ActiveRun:
 _ACTIVE: list[ActiveRun] = []
 
 
+# SIGTERM (kill, a cluster's time limit, the launcher stopping its jobs) and SIGHUP (a closed terminal)
+# stop a run as Ctrl-C does: the same message, the checkpoint kept, a working folder without one removed.
+# A signal the run was started ignoring (SIGHUP under nohup) stays ignored.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+_RECEIVED: list[int] = []
+
+
+def _stop(signum, frame):
+    _RECEIVED.append(signum)
+    raise KeyboardInterrupt
+
+
 def cli_main(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
     """Run ``main(argv)``; bad input becomes one line on stderr and exit code 2; an interruption
-    says what it interrupted and how to continue it."""
+    (Ctrl-C, SIGTERM, SIGHUP) says what it interrupted and how to continue it, exit code 128 + signal."""
     _ACTIVE.clear()
+    _RECEIVED.clear()
+    previous = {signum: signal.signal(signum, _stop) for signum in STOP_SIGNALS
+                if signal.getsignal(signum) is signal.SIG_DFL}
     try:
         main(argv)
     except UserError as e:
@@ -47,7 +63,10 @@ def cli_main(main: Callable[[list[str] | None], object], argv: list[str] | None 
         sys.exit(2)
     except KeyboardInterrupt:
         print(interrupt_message(), file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + (_RECEIVED[0] if _RECEIVED else signal.SIGINT))
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def interrupt_message() -> str:
@@ -156,6 +175,42 @@ def describe_unfinished(folder: Path) -> str:
     if not present:
         return "it holds no result files"
     return f"record.json, written last by a finished run, is missing (present: {', '.join(present)})"
+
+
+@contextmanager
+def claim_output(out_dir: Path):
+    """Hold ``out_dir`` for this run, so that a second run on it (the same sweep started twice, a job
+    left running by a killed launcher) is refused in one line instead of writing the same folder.
+    The claim is a lock on ``.<name>.lock`` beside it, which the OS releases when the process ends,
+    so a killed run leaves no stale claim; the file is removed when the claim ends. No-op where
+    ``fcntl`` is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = out_dir.parent / f".{out_dir.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise UserError(f"another run is writing {out_dir} now; wait for it to end or stop it, then run "
+                            f"this again") from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break  # still the file at the path, not one a finishing run has just removed
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(path)
+        finally:
+            os.close(fd)
 
 
 def plan_output(out_dir: Path, *, overwrite: bool, resume: bool) -> Path:

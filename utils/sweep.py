@@ -406,8 +406,8 @@ def job_environment(slot: str | None, slot_count: int, base: dict | None = None,
 
 def run_pool(jobs: list[Job], slots: list[str | None], progress: Progress, poll_seconds: float = 1.0) -> None:
     """Run ``jobs`` on this machine, one per slot (a GPU id for ``CUDA_VISIBLE_DEVICES``, or None), the
-    rest queued in order; a defense waits for its attack record. Ctrl-C stops the running jobs (each
-    keeps its checkpoint) and the same command resumes the sweep."""
+    rest queued in order; a defense waits for its attack record. Ctrl-C (or SIGTERM to the launcher) stops
+    the running jobs (each keeps its checkpoint) and the same command resumes the sweep."""
     pending, finished, failed_records = triage(jobs, progress)
     free, running = list(slots), {}
     try:
@@ -449,9 +449,23 @@ def run_pool(jobs: list[Job], slots: list[str | None], progress: Progress, poll_
                     progress.failed(job, f"not started: its attack {job.record} did not finish")
                 pending.clear()
     except KeyboardInterrupt:
-        for proc in running:
-            proc.wait()  # each script saves its checkpoint and exits on the same Ctrl-C
+        stop_jobs(list(running))
         raise
+
+
+def stop_jobs(procs: list[subprocess.Popen], grace_seconds: float = 10.0) -> None:
+    """After the launcher is interrupted: Ctrl-C in a terminal reaches every job of its process group
+    and each stops by itself (its checkpoint kept); a signal sent to the launcher alone (``kill``, a
+    cluster's time limit) does not, so a job still running after the grace period gets SIGTERM, which
+    the scripts take as an interruption too. Never leaves a job running behind the launcher."""
+    deadline = time.monotonic() + grace_seconds
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+    for proc in procs:
+        proc.wait()
 
 
 def run_submitit(jobs: list[Job], executor, progress: Progress, wait: bool = True) -> None:
