@@ -12,7 +12,8 @@ of each column over attacks, DER included), records that differ only in their se
 mean ± std. ``--out PREFIX`` also writes ``PREFIX.csv`` (long form, one row per attack and defense),
 ``PREFIX.md`` and ``PREFIX.tex`` (best value of each metric per row in bold, second underlined) and
 ``PREFIX_cost.png`` (each defense's wall time relative to FT). ``--paper`` prints the paper's own
-Table 1 for the same attacks and defenses below.
+Table 1 for the same attacks and defenses below; ``--preset NAME`` says under each title which sweep
+preset made the records (a smoke run's epochs, rounds and subset).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.results import build_tables, collect, format_runs, format_text, paper_table, write_tables  # noqa: E402
 from utils.runner import cli_main  # noqa: E402
+from utils.sweep import PRESETS  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -32,9 +34,13 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--out", default=None, help="also write PREFIX.csv, PREFIX.md, PREFIX.tex and PREFIX_cost.png")
     p.add_argument("--runs", action="store_true", help="also list every run on its own line")
     p.add_argument("--paper", action="store_true", help="print the paper's Table 1 for the same attacks and defenses")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="the sweep preset that made the records: its "
+                   "description goes under each table's title (sh/sweep.sh passes it)")
     args = p.parse_args(argv)
     rows = collect(Path(args.record_dir))
     tables = build_tables(rows)
+    for table in tables if args.preset else []:
+        table.caption = f"preset {args.preset}: {PRESETS[args.preset].about}"
     parts = [format_text(t) for t in tables] or ["no finished records found"]
     if args.paper and tables:
         paper = paper_table(attacks={r.attack for t in tables for r in t.rows},

@@ -37,7 +37,13 @@ python sh/launch.py "${args[@]}" "$@"
 status=$?
 if [ "$status" -eq 2 ]; then exit 2; fi  # bad input: the launcher said what, nothing ran
 if [ "$status" -eq 130 ]; then exit 130; fi  # interrupted: the same command resumes; the table comes at the end
-for arg in "$@"; do [ "$arg" = --dry_run ] && exit 0; done
+prev=""
+for arg in "$@"; do  # the preset the launcher ran (its --preset wins over PRESET), named under the table
+  [ "$arg" = --dry_run ] && exit 0
+  [ "$prev" = --preset ] && PRESET="$arg"
+  case "$arg" in --preset=*) PRESET="${arg#--preset=}" ;; esac
+  prev="$arg"
+done
 # shellcheck disable=SC2086
-python sh/results_table.py --record_dir "$RECORD_DIR" --out "$TABLE" $TABLE_ARGS || status=$?
+python sh/results_table.py --record_dir "$RECORD_DIR" --out "$TABLE" --preset "$PRESET" $TABLE_ARGS || status=$?
 exit "$status"

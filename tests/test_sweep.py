@@ -123,6 +123,9 @@ def test_results_table_command(hand_records, tmp_path, capsys):
     assert "the D3 paper's Table 1" in text and "90.77" in text  # the paper's D3 on BadNets
     assert "left out:\n  half: unfinished" in text and (tmp_path / "t.md").is_file()
     assert format_text(build_tables(collect(hand_records))[0]).splitlines()[4].startswith("blended")
+    text = results_table.main(["--record_dir", str(hand_records), "--out", str(tmp_path / "s"), "--preset", "smoke"])
+    assert "; preset smoke: SMOKE RUN: narrow PreAct-ResNet18 (width 16), 6 attack epochs on 10,000" in text
+    assert "preset smoke: SMOKE RUN" in (tmp_path / "s.md").read_text() and "SMOKE RUN" in (tmp_path / "s.tex").read_text()
 
 
 # ----------------------------------------------------------------------------- the launcher on tiny runs
@@ -175,6 +178,21 @@ def test_a_defense_job_with_save_name_is_looked_for_in_its_own_folder(tiny_data,
     assert job.output == tmp_path / "records" / "t_badnet_s0" / "defense" / "ft_lr0.05"
 
 
+def test_preset_defense_schedules():
+    """Long schedules scaled (cpu_small: 100 -> 60, 3 evaluations), a preset's own length for one defense
+    (smoke: SAU 10 rounds), PDB on the attack's schedule, counts that are not epochs cut by flag, and
+    --defense_epochs over all of it."""
+    from utils.sweep import PRESETS, defense_flags
+    smoke, small = PRESETS["smoke"], PRESETS["cpu_small"]
+    assert defense_flags("d3", small) == ["--epochs", "60", "--eval_every", "20"]
+    assert defense_flags("d3", smoke) == ["--epochs", "20", "--eval_every", "20"]
+    assert defense_flags("sau", smoke) == ["--epochs", "10", "--eval_every", "10"]
+    assert defense_flags("sau", smoke, epochs=3) == ["--epochs", "3", "--eval_every", "3"]
+    assert defense_flags("pdb", smoke) == ["--epochs", "6", "--eval_every", "6", "--lr", "0.05"]
+    assert defense_flags("anp", smoke) == ["--nb_iter", "100", "--print_every", "25"]
+    assert defense_flags("sau", PRESETS["paper"]) == ["--epochs", "100", "--eval_every", "10"]
+
+
 def test_parallel_pool_jobs_share_the_cpu_threads():
     """Several jobs on one machine each get an equal share of the cores (OMP_NUM_THREADS), never
     overriding the user's setting; one job keeps PyTorch's default; a GPU slot is the job's only GPU."""
@@ -209,12 +227,17 @@ def test_sweep_sh_builds_the_table_unless_the_input_was_bad_or_the_sweep_interru
     import subprocess
     stub, calls = tmp_path / "bin" / "python", tmp_path / "calls"
     stub.parent.mkdir()
-    stub.write_text(f'#!/bin/sh\necho "$1" >> {calls}\ncase "$1" in *launch.py) exit {launcher_code};; esac\n')
+    stub.write_text(f'#!/bin/sh\necho "$*" >> {calls}\ncase "$1" in *launch.py) exit {launcher_code};; esac\n')
     stub.chmod(0o755)
-    env = {**os.environ, "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}", "RECORD_DIR": str(tmp_path)}
-    done = subprocess.run(["bash", str(ROOT / "sh" / "sweep.sh")], env=env, capture_output=True, text=True)
+    env = {**os.environ, "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}", "RECORD_DIR": str(tmp_path),
+           "PRESET": "cpu"}
+    done = subprocess.run(["bash", str(ROOT / "sh" / "sweep.sh"), "--preset", "smoke"], env=env,
+                          capture_output=True, text=True)
     assert done.returncode == launcher_code, done.stderr
-    assert calls.read_text().split() == ["sh/launch.py"] + (["sh/results_table.py"] if table_built else [])
+    lines = calls.read_text().splitlines()
+    assert [ln.split()[0] for ln in lines] == ["sh/launch.py"] + (["sh/results_table.py"] if table_built else [])
+    assert lines[0].endswith("--preset smoke")  # the arguments win over PRESET, for the launcher ...
+    assert not table_built or "--preset smoke" in lines[1]  # ... and for the table's caption
 
 
 def test_submitit_local_executor_orders_and_reports_failures(tiny_data, tmp_path, capsys, monkeypatch):

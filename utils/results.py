@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,10 +188,15 @@ class Table:
     setting: str           # what tells this table from others of the same dataset and model ('' when alone)
     rows: list[Row]
     defenses: list[str]
+    caption: str = ""      # how the records were made, under the title (the sweep's preset)
 
     @property
     def title(self) -> str:
         return f"{self.dataset}, {self.model}" + (f" ({self.setting})" if self.setting else "")
+
+    @property
+    def heading(self) -> str:
+        return self.title + (f"; {self.caption}" if self.caption else "")
 
     def average(self, defense: str, metric: str) -> float | None:
         """The paper's Average row: the mean over attacks of each attack's value, DER included (not
@@ -326,7 +332,7 @@ def format_text(table: Table) -> str:
         lines.append("wall time relative to FT (mean over attacks): " + ", ".join(costs))
     seeds = sorted({c.n_seeds for row in table.rows for c in row.cells.values()})
     note = f"; mean ± std over {'/'.join(map(str, seeds))} seeds" if any(n > 1 for n in seeds) else ""
-    return f"{table.title}, in %{note}\n" + "\n".join(lines)
+    return f"{table.heading}, in %{note}\n" + "\n".join(lines)
 
 
 def format_markdown(table: Table) -> str:
@@ -335,7 +341,7 @@ def format_markdown(table: Table) -> str:
     style = {"best": "**{}**", "second": "<u>{}</u>", "": "{}"}
     head = ["attack"] + [(f"{'no defense' if g == NONE else g} {h}" if i == 0 or columns[i - 1][0] != g else h)
                          for i, (g, _, h, _) in enumerate(columns)]
-    lines = [f"**{table.title}** (in %; best of each metric per row in bold, second underlined)", "",
+    lines = [f"**{table.heading}** (in %; best of each metric per row in bold, second underlined)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * len(columns)]
     for label, values in _grid(table):
         cells = [style[mark].format(_value(m, s)) for m, s, mark in values]
@@ -359,7 +365,7 @@ def format_latex(table: Table) -> str:
         rules.append(f"\\cmidrule(lr){{{col}-{col + n - 1}}}")
         col += n
     lines = ["% needs \\usepackage{booktabs}", "\\begin{table}[t]", "\\centering", "\\small",
-             f"\\caption{{{_tex(table.title)} (\\%). Best per row in bold, second underlined.}}",
+             f"\\caption{{{_tex(table.heading)} (\\%). Best per row in bold, second underlined.}}",
              "\\begin{tabular}{l" + "c" * len(columns) + "}", "\\toprule",
              " & " + " & ".join(spans) + " \\\\", " ".join(rules),
              "attack & " + " & ".join(h for _, _, h, _ in columns) + " \\\\", "\\midrule"]
@@ -426,7 +432,7 @@ def save_cost_figure(tables: list[Table], path: Path) -> bool:
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
         ax.set_xticks(list(xs), t.defenses)
         ax.set_ylabel("wall time / FT's")
-        ax.set_title(t.title, fontsize=10)
+        ax.set_title(textwrap.fill(t.heading, 110), fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")
