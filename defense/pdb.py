@@ -66,6 +66,11 @@ def trigger_mask(trigger_type: int, size: int, dataset: str) -> torch.Tensor:
     return mask
 
 
+def epoch_images(cfg, held: int, num_classes: int) -> int:
+    """Images in one PDB epoch: the training set and ``sample_frequency`` copies of the defensive samples."""
+    return held + cfg.sample_frequency * int(held * cfg.ratio / num_classes) * num_classes
+
+
 def defensive_index(labels: torch.Tensor, ratio: float, num_classes: int, seed: int) -> torch.Tensor:
     """int(N * ratio / K) indices of every class (by the labels as given), drawn with the seed."""
     per_class = int(len(labels) * ratio / num_classes)
@@ -164,7 +169,8 @@ def add_arguments(g) -> None:
 
 def main(argv: list[str] | None = None):
     return run_defense("pdb", purify, add_arguments, argv, description=__doc__.splitlines()[0], validate=validate,
-                       holds="poisoned_train", reads_clean_train=lambda cfg: cfg.defensive_source == "clean")
+                       holds="poisoned_train", reads_clean_train=lambda cfg: cfg.defensive_source == "clean",
+                       images_per_epoch=epoch_images)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,14 @@ def test_wrapper_is_the_inner_model_on_the_stamped_batch_mapped_back():
     assert mask.sum() == 49 and pdb.trigger_mask(0, 32, "cifar10").sum() == 124
 
 
+def test_epoch_size_for_the_time_estimate_counts_the_defensive_copies():
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(ratio=0.1, sample_frequency=5)
+    labels = torch.arange(10).repeat(2500)  # 25,000 images, 2,500 per class
+    picked = pdb.defensive_index(labels, cfg.ratio, 10, seed=0)
+    assert pdb.epoch_images(cfg, len(labels), 10) == len(labels) + 5 * len(picked) == 37_500
+
+
 def test_defensive_batches_stamp_only_defensive_samples():
     images = torch.full((6, 3, 32, 32), 100, dtype=torch.uint8)
     defensive = torch.tensor([False, False, False, True, True, True])

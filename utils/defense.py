@@ -210,7 +210,8 @@ def output_name(save_name: str | None, defense: str) -> str:
 def run_defense(name: str, purify: Purify, add_arguments: Callable | None = None, argv=None,
                 description: str | None = None, reserve_per_class: bool = False,
                 validate: Callable[[Config, torch.nn.Module], None] | None = None, holds: str = "reserve",
-                reads_clean_train: Callable[[Config], bool] | None = None) -> Path:
+                reads_clean_train: Callable[[Config], bool] | None = None,
+                images_per_epoch: Callable[[Config, int, int], int] | None = None) -> Path:
     """Resolve the config, load the record, hand ``purify`` the model and the data the threat model
     gives the defender, write the defense output. ``holds="reserve"`` (post-training): the attacked
     model and the reserved clean data (drawn per class when ``reserve_per_class``);
@@ -218,7 +219,9 @@ def run_defense(name: str, purify: Purify, add_arguments: Callable | None = None
     set as given. ``validate(cfg, model)`` checks the defense's own settings before anything is
     written: it raises :class:`UserError` with one line on bad input. ``reads_clean_train(cfg)``
     true hands the defense the clean training set too, to reproduce official code that reads it
-    (outside the threat model; the log says so)."""
+    (outside the threat model; the log says so). ``images_per_epoch(cfg, held, num_classes)``: how many
+    images one epoch trains on, for the time estimate, where that is not the ``held`` images (PDB adds
+    its defensive copies)."""
     if holds not in HOLDS:
         raise ValueError(f"holds={holds!r}; one of {HOLDS}")
     parser = new_parser(description or f"{name} defense")
@@ -283,12 +286,13 @@ def run_defense(name: str, purify: Purify, add_arguments: Callable | None = None
             reserved, held = None, poisoned_train_set(record, dataset)
         with writing_output(f"the defense {name} on {record.dir}", work, out_dir):
             _defend(name, purify, cfg, work, record, model, dataset, bd_test, reserved, held, device, checkpoint,
-                    dataset.train if reads_clean_train is not None and reads_clean_train(cfg) else None)
+                    dataset.train if reads_clean_train is not None and reads_clean_train(cfg) else None,
+                    images_per_epoch)
     return out_dir
 
 
 def _defend(name, purify, cfg, work: Path, record: AttackRecord, model, dataset, bd_test, reserved, held, device,
-            checkpoint: Checkpoint, clean_train: ImageSet | None) -> None:
+            checkpoint: Checkpoint, clean_train: ImageSet | None, images_per_epoch=None) -> None:
     """``reserved`` is None for an in-training defense: it trains a new model on ``held``, the poisoned
     training set."""
     spec = dataset.spec
@@ -321,7 +325,8 @@ def _defend(name, purify, cfg, work: Path, record: AttackRecord, model, dataset,
     epochs = getattr(cfg, "epochs", None)
     if not resumed and getattr(cfg, "batch_size", None) and epochs:
         announce_plan(logger, device, model, clean.loader(cfg.batch_size, cfg.random_seed), epochs=epochs,
-                      images_per_epoch=len(held), amp=cfg.amp, evaluations=-(-epochs // cfg.eval_every),
+                      images_per_epoch=(len(held) if images_per_epoch is None
+                                        else images_per_epoch(cfg, len(held), spec.num_classes)), amp=cfg.amp, evaluations=-(-epochs // cfg.eval_every),
                       eval_images=evaluator.num_images, cpu_hint=CPU_HINT)
 
     reporter = EpochReporter(evaluator, model, work, name, logger, epochs=epochs or 1,
