@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--runs", action="store_true", help="also list every run on its own line")
     p.add_argument("--paper", action="store_true", help="print the paper's Table 1 for the same attacks and defenses")
     p.add_argument("--preset", choices=sorted(PRESETS), help="the sweep preset that made the records: its "
-                   "description goes under each table's title (sh/sweep.sh passes it)")
+                   "description (as this checkout defines it) goes under each table's title (sh/sweep.sh "
+                   "passes it)")
     args = p.parse_args(argv)
     rows = collect(Path(args.record_dir))
     tables = build_tables(rows)
