@@ -324,9 +324,9 @@ def _defend(name, purify, cfg, work: Path, record: AttackRecord, model, dataset,
         model = place_model(new_model(cfg, spec), device)  # trained from its start, as the attack was
     epochs = getattr(cfg, "epochs", None)
     if not resumed and getattr(cfg, "batch_size", None) and epochs:
+        epoch_size = len(held) if images_per_epoch is None else images_per_epoch(cfg, len(held), spec.num_classes)
         announce_plan(logger, device, model, clean.loader(cfg.batch_size, cfg.random_seed), epochs=epochs,
-                      images_per_epoch=(len(held) if images_per_epoch is None
-                                        else images_per_epoch(cfg, len(held), spec.num_classes)), amp=cfg.amp, evaluations=-(-epochs // cfg.eval_every),
+                      images_per_epoch=epoch_size, amp=cfg.amp, evaluations=-(-epochs // cfg.eval_every),
                       eval_images=evaluator.num_images, cpu_hint=CPU_HINT)
 
     reporter = EpochReporter(evaluator, model, work, name, logger, epochs=epochs or 1,
