@@ -114,6 +114,7 @@ SECRET_BYTES, ECC_BYTES = 7, 5  # 7 data bytes + 5 ecc bytes = 96 bits, padded t
 TRAINER_VERSION = 3          # part of the cache key: bump when training changes its result
 # The take-off check (train_stegastamp): the bits must have left chance by the end of the L2 await.
 TAKEOFF_BIT_ACCURACY, TAKEOFF_WINDOW, TAKEOFF_RESTARTS = 0.55, 50, 2
+STATS_EVERY = 25  # encoder training steps between reads of the running figures
 APPLY_BATCH = 256
 # apply_trigger runs the encoder in float64 here: on a GPU when there is one (fast), else on the CPU.
 EXACT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -338,6 +339,7 @@ def _train_attempt(images, *, resolution, bits, epochs, batch_size, lr, l2_weigh
     decoder = StegaDecoder(resolution, bits, channels).to(device)
     optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=lr)
     gen = torch.Generator().manual_seed(seed)
+    images = images.to(device)  # once: the batches are then gathered on the device
     n = len(images)
     per_epoch = -(-n // batch_size)
     total = epochs * per_epoch if steps is None else min(steps, epochs * per_epoch)
@@ -349,11 +351,12 @@ def _train_attempt(images, *, resolution, bits, epochs, batch_size, lr, l2_weigh
         order = torch.randperm(n, generator=gen)
         sums = torch.zeros(3)
         count = 0
+        pending = []  # per-step (l2, bce, bit accuracy) still on the device: read every STATS_EVERY steps
         for b in range(per_epoch):
             if step >= total:
                 break
             idx = order[b * batch_size:(b + 1) * batch_size]
-            x = images[idx].to(device, torch.float32) / 255
+            x = images[idx.to(images.device)].float() / 255
             fp = torch.randint(0, 2, (len(idx), bits), generator=gen).float().to(device)
             encoded = x + encoder(fp, x) if residual else encoder(fp, x)  # unclamped while training
             l2 = F.mse_loss(encoded, x)
@@ -364,13 +367,19 @@ def _train_attempt(images, *, resolution, bits, epochs, batch_size, lr, l2_weigh
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            values = (l2.item(), bce.item(), ((logits > 0).float() == fp).float().mean().item())
-            sums += torch.tensor(values)
-            count += 1
+            pending.append(torch.stack([l2.detach(), bce.detach(), ((logits.detach() > 0).float() == fp).float().mean()]))
             step += 1
-            bar.update()
-            bar.set_postfix(l2=f"{values[0]:.4f}", bit_acc=f"{values[2]:.3f}")
-            recent.append(values[2])
+            if len(pending) < STATS_EVERY and step != check_at and step < total and b < per_epoch - 1:
+                continue
+            # One host-device sync per STATS_EVERY steps, not per step: on a GPU the next steps'
+            # kernels are queued while these run.
+            values = torch.stack(pending).cpu()
+            pending.clear()
+            sums += values.sum(0)
+            count += len(values)
+            recent.extend(values[:, 2].tolist())
+            bar.update(len(values))
+            bar.set_postfix(l2=f"{values[-1, 0]:.4f}", bit_acc=f"{values[-1, 2]:.3f}")
             if step == check_at and sum(recent) / len(recent) < TAKEOFF_BIT_ACCURACY:
                 bar.close()
                 return encoder, decoder, sum(recent) / len(recent)
