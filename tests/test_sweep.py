@@ -40,13 +40,13 @@ def _run(folder, summary: dict, meta: dict, config: dict | None = None) -> None:
     (folder / "record.json").write_text(json.dumps({**meta, "files": files, "format_version": 2}))
 
 
-def fake_record(root, name, attack, seed, none, defenses, epochs=100):
+def fake_record(root, name, attack, seed, none, defenses, epochs=100, **settings):
     """An attack record with its figures in % (ACC, ASR) and each defense's (ACC, ASR, DER, wall s)."""
     folder = root / name
     _run(folder, {"clean_acc": none[0] / 100, "asr": none[1] / 100, "ra": 0.05, "wall_seconds": 1000.0},
          {"kind": "attack", "attack": attack, "model": "preactresnet18", "dataset": {"name": "cifar10"}},
          {"attack": attack, "model": "preactresnet18", "dataset": "cifar10", "epochs": epochs, "lr": 0.01,
-          "random_seed": seed, "pratio": 0.1, "device": "cuda", "save_folder_name": name})
+          "random_seed": seed, "pratio": 0.1, "device": "cuda", "save_folder_name": name, **settings})
     for defense, (acc, asr, der, wall) in defenses.items():
         _run(folder / "defense" / defense,
              {"clean_acc": acc / 100, "asr": asr / 100, "ra": 0.5, "der": der / 100, "wall_seconds": wall},
@@ -109,6 +109,25 @@ def test_tables_from_hand_written_summaries(hand_records, tmp_path):
     assert by[("epochs=100", "badnet", "none")]["der"] == "" and by[("epochs=100", "badnet", "none")]["asr"] == "96.00"
     assert by[("epochs=100", "Average", "ft")]["der"] == "84.75" and by[("epochs=100", "Average", "anp")]["asr"] == ""
     assert by[("epochs=10", "badnet", "ft")]["clean_acc"] == "60.00"
+
+
+def test_attacks_with_their_own_training_schedule_share_the_table(tmp_path):
+    """WaNet and Input-aware set their own lr_scheduler (BackdoorBench's configs): they are rows of the
+    one (dataset, model) table beside BadNets, not tables of their own; BadNets records that differ in
+    that key are two rows there, never averaged as seeds."""
+    root = tmp_path / "records"
+    fake_record(root, "bn", "badnet", 0, (90, 95), {"d3": (89, 1, 97, 100)}, lr_scheduler="CosineAnnealingLR")
+    fake_record(root, "wa", "wanet", 0, (91, 90), {"d3": (90, 2, 94, 100)}, lr_scheduler="MultiStepLR",
+                steplr_milestones=[100, 200])
+    fake_record(root, "ia", "inputaware", 0, (89, 92), {"d3": (88, 3, 93, 100)}, lr_scheduler="MultiStepLR")
+    tables = build_tables(collect(root))
+    assert [(t.model, t.setting) for t in tables] == [("preactresnet18", "")]
+    assert [(r.attack, r.variant) for r in tables[0].rows] == [("badnet", ""), ("wanet", ""), ("inputaware", "")]
+    fake_record(root, "bn_step", "badnet", 1, (80, 85), {"d3": (79, 1, 92, 100)}, lr_scheduler="MultiStepLR")
+    (table,) = build_tables(collect(root))
+    assert [(r.attack, r.variant) for r in table.rows][:2] == [("badnet", "lr_scheduler=CosineAnnealingLR"),
+                                                               ("badnet", "lr_scheduler=MultiStepLR")]
+    assert all(r.cells["d3"].n_seeds == 1 for r in table.rows)
 
 
 def test_rank_marks_ties_and_direction():

@@ -237,12 +237,16 @@ def build_tables(rows: list[Result]) -> list[Table]:
     for r in rows:
         if not r.problem:
             records.setdefault(r.record, {})[NONE if r.defense == NO_DEFENSE else r.defense] = r
+    # An attack's own settings tell rows apart, not tables. Some attacks also set a training key of
+    # their own (WaNet's and Input-aware's lr_scheduler, as in BackdoorBench): such a key is a row
+    # setting for every attack in the collection, so that BadNets (cosine) and WaNet (MultiStepLR)
+    # share the one table of their (dataset, model), as in the paper's Table 1.
+    own = set().union(*(_attack_keys(r.attack) for r in rows)) - _TABLE_KEYS
     groups: dict[tuple, dict] = {}
     for runs in records.values():
         if NONE not in runs:
             continue
         attack = runs[NONE]
-        own = _attack_keys(attack.attack) - _TABLE_KEYS
         # A setting left at None is the same as one an older record does not list.
         setting = {k: v for k, v in attack.settings.items() if k not in _NOT_SETTINGS and v is not None}
         common = {k: v for k, v in setting.items() if k not in own}
