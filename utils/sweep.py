@@ -84,8 +84,8 @@ PRESETS = {
                          "inputaware": {"clean_train_epochs": 2}, "ssba": SSBA_CPU},
                         "as cpu, on a class-balanced half of the training set (the defender's 5% is 1,250 images)"),
     # A smoke run: every attack and defense end to end in about an hour on 2 CPU cores; its figures
-    # show that things work, not how well. Measured with 2 evaluations per defense, ANP 200 batches and
-    # SAU 20 rounds: 76 min for BadNets, Blended and every defense; the cuts below save about 12 of them.
+    # show that things work, not how well. BadNets, Blended and every defense: 64 min measured (76 with 2
+    # evaluations per defense, ANP 200 batches and SAU 20 rounds, before the cuts below).
     "smoke": Preset("preactresnet18_w16", ("--epochs", "6", "--lr", "0.05", "--eval_every", "3",
                                            "--train_subset", "10000"), 0.2, 1,
                     {"anp": {"nb_iter": 100, "print_every": 25}, "nc": {"nc_epoch": 5}, "sau": {"epochs": 10},
