@@ -367,7 +367,8 @@ def _train_attempt(images, *, resolution, bits, epochs, batch_size, lr, l2_weigh
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            pending.append(torch.stack([l2.detach(), bce.detach(), ((logits.detach() > 0).float() == fp).float().mean()]))
+            bit_accuracy = ((logits.detach() > 0).float() == fp).float().mean()
+            pending.append(torch.stack([l2.detach(), bce.detach(), bit_accuracy]))
             step += 1
             if len(pending) < STATS_EVERY and step != check_at and step < total and b < per_epoch - 1:
                 continue
