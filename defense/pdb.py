@@ -66,14 +66,19 @@ def trigger_mask(trigger_type: int, size: int, dataset: str) -> torch.Tensor:
     return mask
 
 
+def defensive_per_class(n: int, ratio: float, num_classes: int) -> int:
+    """Defensive samples drawn from each class of an ``n``-image training set: int(N * ratio / K)."""
+    return int(n * ratio / num_classes)
+
+
 def epoch_images(cfg, held: int, num_classes: int) -> int:
     """Images in one PDB epoch: the training set and ``sample_frequency`` copies of the defensive samples."""
-    return held + cfg.sample_frequency * int(held * cfg.ratio / num_classes) * num_classes
+    return held + cfg.sample_frequency * defensive_per_class(held, cfg.ratio, num_classes) * num_classes
 
 
 def defensive_index(labels: torch.Tensor, ratio: float, num_classes: int, seed: int) -> torch.Tensor:
-    """int(N * ratio / K) indices of every class (by the labels as given), drawn with the seed."""
-    per_class = int(len(labels) * ratio / num_classes)
+    """:func:`defensive_per_class` indices of every class (by the labels as given), drawn with the seed."""
+    per_class = defensive_per_class(len(labels), ratio, num_classes)
     chosen = []
     for k in range(num_classes):
         idx = torch.nonzero(labels == k).flatten()

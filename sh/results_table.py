@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> str:
     args = p.parse_args(argv)
     rows = collect(Path(args.record_dir))
     tables = build_tables(rows)
-    for table in tables if args.preset else []:
-        table.caption = f"preset {args.preset}: {PRESETS[args.preset].about}"
+    if args.preset:
+        for table in tables:
+            table.caption = f"preset {args.preset}: {PRESETS[args.preset].about}"
     parts = [format_text(t) for t in tables] or ["no finished records found"]
     if args.paper and tables:
         paper = paper_table(attacks={r.attack for t in tables for r in t.rows},

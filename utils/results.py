@@ -241,7 +241,7 @@ def build_tables(rows: list[Result]) -> list[Table]:
     # their own (WaNet's and Input-aware's lr_scheduler, as in BackdoorBench): such a key is a row
     # setting for every attack in the collection, so that BadNets (cosine) and WaNet (MultiStepLR)
     # share the one table of their (dataset, model), as in the paper's Table 1.
-    own = set().union(*(_attack_keys(r.attack) for r in rows)) - _TABLE_KEYS
+    own = set().union(*(_attack_keys(a) for a in {r.attack for r in rows})) - _TABLE_KEYS  # one read per attack
     groups: dict[tuple, dict] = {}
     for runs in records.values():
         if NONE not in runs:
