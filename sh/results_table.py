@@ -9,11 +9,12 @@ against the SHA-256 in its ``record.json``; unfinished, damaged or stale runs ar
 and left out). One table per (dataset, model, training setting), in the paper's layout: attacks as
 rows, the attacked model and each defense as ACC / ASR / DER column groups, an Average row (the mean
 of each column over attacks, DER included), records that differ only in their seed shown as
-mean ± std. ``--out PREFIX`` also writes ``PREFIX.csv`` (long form, one row per attack and defense),
-``PREFIX.md`` and ``PREFIX.tex`` (best value of each metric per row in bold, second underlined) and
-``PREFIX_cost.png`` (each defense's wall time relative to FT). ``--paper`` prints the paper's own
-Table 1 for the same attacks and defenses below; ``--preset NAME`` says under each title which sweep
-preset made the records (a smoke run's epochs, rounds and subset).
+mean ± std (records of one seed are repeats: a row each, named by its folder). ``--out PREFIX``
+also writes ``PREFIX.csv`` (long form, one row per attack and defense), ``PREFIX.md`` and
+``PREFIX.tex`` (best value of each metric per row in bold, second underlined) and ``PREFIX_cost.png``
+(each defense's wall time relative to FT). ``--paper`` prints the paper's own Table 1 for the same
+attacks and defenses below; ``--preset NAME`` says under each title which sweep preset made the
+records (a smoke run's epochs, rounds and subset).
 """
 from __future__ import annotations
 

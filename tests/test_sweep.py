@@ -130,6 +130,20 @@ def test_attacks_with_their_own_training_schedule_share_the_table(tmp_path):
     assert all(r.cells["d3"].n_seeds == 1 for r in table.rows)
 
 
+def test_records_with_one_seed_are_repeats_not_seeds(tmp_path):
+    """A copied record (here with another NC run in it) has the seed of its original: the two are two
+    rows named by their folders, never a mean ± std over '2 seeds'."""
+    root = tmp_path / "records"
+    fake_record(root, "bn", "badnet", 0, (90, 95), {"nc": (90, 95, 50, 100)})
+    fake_record(root, "bn_nc80", "badnet", 0, (90, 95), {"nc": (88, 2, 96, 400)})
+    (table,) = build_tables(collect(root))
+    assert [r.label for r in table.rows] == ["badnet (record bn)", "badnet (record bn_nc80)"]
+    assert [r.cells["nc"].n_seeds for r in table.rows] == [1, 1]
+    assert [r.cells["nc"].mean("asr") for r in table.rows] == [pytest.approx(95), pytest.approx(2)]
+    fake_record(root, "bn1", "badnet", 1, (92, 97), {"nc": (91, 3, 95, 100)})
+    assert len(build_tables(collect(root))[0].rows) == 3   # a repeat in the row: every record on its own
+
+
 def test_rank_marks_ties_and_direction():
     assert rank_marks({"a": 1.0, "b": 2.0, "c": 3.0}, min) == {"a": "best", "b": "second"}
     assert rank_marks({"a": 1.0, "b": 3.0, "c": 3.001, "d": 2.0}, max) == {"b": "best", "c": "best", "d": "second"}

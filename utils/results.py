@@ -225,6 +225,17 @@ def _differences(settings: list[dict]) -> list[str]:
     return [", ".join(f"{k}={s.get(k)}" for k in keys) for s in settings]
 
 
+def _seed_groups(runs_list: list[dict]) -> list[tuple[str, list[dict]]]:
+    """The records of one row as (label, records) groups: all of them in one, averaged as seeds, when
+    their seeds differ; otherwise one row per record, labelled with its folder name. Two records of
+    one setting and one seed (a copied record, a rerun) are repeats, not seeds: averaging them would
+    report a spread that no second seed measured."""
+    seeds = [runs[NONE].settings.get("random_seed") for runs in runs_list]
+    if len(set(map(str, seeds))) == len(seeds):
+        return [("", runs_list)]
+    return [(f"record {runs[NONE].record}", [runs]) for runs in runs_list]
+
+
 def order(names, paper: list[str]) -> list[str]:
     names = set(names)
     return [n for n in paper if n in names] + sorted(names - set(paper))
@@ -264,13 +275,14 @@ def build_tables(rows: list[Result]) -> list[Table]:
             same = [v for (a, _), v in group["rows"].items() if a == attack]
             variants = _differences([v["specific"] for v in same]) if len(same) > 1 else [""] * len(same)
             for entry, variant in zip(same, variants):
-                row = Row(attack, variant)
-                for runs in entry["runs"]:
-                    ft_wall = runs["ft"].wall_seconds if "ft" in runs else None
-                    for defense, result in runs.items():
-                        row.cells.setdefault(defense, Cell()).add(result, ft_wall if defense != NONE else None)
-                defenses |= set(row.cells) - {NONE}
-                built.append(row)
+                for name, runs_of_row in _seed_groups(entry["runs"]):
+                    row = Row(attack, ", ".join(v for v in (variant, name) if v))
+                    for runs in runs_of_row:
+                        ft_wall = runs["ft"].wall_seconds if "ft" in runs else None
+                        for defense, result in runs.items():
+                            row.cells.setdefault(defense, Cell()).add(result, ft_wall if defense != NONE else None)
+                    defenses |= set(row.cells) - {NONE}
+                    built.append(row)
         tables.append(Table(dataset, model, setting, built, order(defenses, PAPER_DEFENSES)))
     return tables
 
