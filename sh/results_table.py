@@ -13,8 +13,9 @@ mean ± std (records of one seed are repeats: a row each, named by its folder). 
 also writes ``PREFIX.csv`` (long form, one row per attack and defense), ``PREFIX.md`` and
 ``PREFIX.tex`` (best value of each metric per row in bold, second underlined) and ``PREFIX_cost.png``
 (each defense's wall time relative to FT). ``--paper`` prints the paper's own Table 1 for the same
-attacks and defenses below; ``--preset NAME`` says under each title which sweep preset made the
-records (a smoke run's epochs, rounds and subset).
+attacks and defenses below; ``--preset NAME`` puts the sweep preset's description (a smoke run's
+epochs, rounds and subset) under the title of each table whose records it made (their model, epochs,
+learning rate and training subset are the preset's).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.results import build_tables, collect, format_runs, format_text, paper_table, write_tables  # noqa: E402
 from utils.runner import cli_main  # noqa: E402
-from utils.sweep import PRESETS  # noqa: E402
+from utils.sweep import PRESETS, preset_made  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> str:
     tables = build_tables(rows)
     if args.preset:
         for table in tables:
-            table.caption = f"preset {args.preset}: {PRESETS[args.preset].about}"
+            if preset_made(PRESETS[args.preset], table.model, table.settings):
+                table.caption = f"preset {args.preset}: {PRESETS[args.preset].about}"
     parts = [format_text(t) for t in tables] or ["no finished records found"]
     if args.paper and tables:
         paper = paper_table(attacks={r.attack for t in tables for r in t.rows},

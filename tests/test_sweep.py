@@ -17,6 +17,7 @@ from conftest import ROOT, expect_error, interrupt_after_saves
 from utils.record import sha256_file
 from utils.results import CSV_COLUMNS, build_tables, collect, format_text, rank_marks, write_tables
 from utils.runner import cli_main
+from utils.sweep import PRESETS, preset_made
 
 
 def _script(name: str):
@@ -40,12 +41,12 @@ def _run(folder, summary: dict, meta: dict, config: dict | None = None) -> None:
     (folder / "record.json").write_text(json.dumps({**meta, "files": files, "format_version": 2}))
 
 
-def fake_record(root, name, attack, seed, none, defenses, epochs=100, **settings):
+def fake_record(root, name, attack, seed, none, defenses, epochs=100, model="preactresnet18", lr=0.01, **settings):
     """An attack record with its figures in % (ACC, ASR) and each defense's (ACC, ASR, DER, wall s)."""
     folder = root / name
     _run(folder, {"clean_acc": none[0] / 100, "asr": none[1] / 100, "ra": 0.05, "wall_seconds": 1000.0},
-         {"kind": "attack", "attack": attack, "model": "preactresnet18", "dataset": {"name": "cifar10"}},
-         {"attack": attack, "model": "preactresnet18", "dataset": "cifar10", "epochs": epochs, "lr": 0.01,
+         {"kind": "attack", "attack": attack, "model": model, "dataset": {"name": "cifar10"}},
+         {"attack": attack, "model": model, "dataset": "cifar10", "epochs": epochs, "lr": lr,
           "random_seed": seed, "pratio": 0.1, "device": "cuda", "save_folder_name": name, **settings})
     for defense, (acc, asr, der, wall) in defenses.items():
         _run(folder / "defense" / defense,
@@ -156,9 +157,15 @@ def test_results_table_command(hand_records, tmp_path, capsys):
     assert "the D3 paper's Table 1" in text and "90.77" in text  # the paper's D3 on BadNets
     assert "left out:\n  half: unfinished" in text and (tmp_path / "t.md").is_file()
     assert format_text(build_tables(collect(hand_records))[0]).splitlines()[4].startswith("blended")
+    # --preset describes only the tables its records make: a smoke record beside the others.
+    fake_record(hand_records, "smoke_bn", "badnet", 0, (50, 10), {"ft": (50, 5, 52, 10)}, epochs=6,
+                model="preactresnet18_w16", lr=0.05, train_subset=10000)
     text = results_table.main(["--record_dir", str(hand_records), "--out", str(tmp_path / "s"), "--preset", "smoke"])
-    assert "; preset smoke: SMOKE RUN: narrow PreAct-ResNet18 (width 16), 6 attack epochs on 10,000" in text
+    assert "preactresnet18_w16; preset smoke: SMOKE RUN: narrow PreAct-ResNet18 (width 16), 6 attack epochs" in text
+    assert text.count("SMOKE RUN") == 1 and "cifar10, preactresnet18 (epochs=100), in %" in text
     assert "preset smoke: SMOKE RUN" in (tmp_path / "s.md").read_text() and "SMOKE RUN" in (tmp_path / "s.tex").read_text()
+    assert not preset_made(PRESETS["cpu"], "preactresnet18_w16", {"epochs": 18, "lr": 0.05, "train_subset": 25000})
+    assert preset_made(PRESETS["cpu_small"], "preactresnet18_w16", {"epochs": 18, "lr": 0.05, "train_subset": 25000})
 
 
 # ----------------------------------------------------------------------------- the launcher on tiny runs

@@ -189,6 +189,7 @@ class Table:
     rows: list[Row]
     defenses: list[str]
     caption: str = ""      # how the records were made, under the title (the sweep's preset)
+    settings: dict = field(default_factory=dict)  # the training settings all its records share
 
     @property
     def title(self) -> str:
@@ -283,7 +284,8 @@ def build_tables(rows: list[Result]) -> list[Table]:
                             row.cells.setdefault(defense, Cell()).add(result, ft_wall if defense != NONE else None)
                     defenses |= set(row.cells) - {NONE}
                     built.append(row)
-        tables.append(Table(dataset, model, setting, built, order(defenses, PAPER_DEFENSES)))
+        tables.append(Table(dataset, model, setting, built, order(defenses, PAPER_DEFENSES),
+                            settings=group["common"]))
     return tables
 
 

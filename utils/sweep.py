@@ -96,6 +96,18 @@ PRESETS = {
 }
 
 
+def preset_made(preset: Preset, model: str, settings: dict) -> bool:
+    """Whether attack records of this model and these training settings are the preset's: its model,
+    and the value of every attack flag it sets (its training subset None when it sets none). A folder
+    of records may hold several presets' tables; only the preset's own get its description."""
+    flags = {k: v for k, v in _flag_values(preset.attack_flags).items() if k != "eval_every"}
+    flags.setdefault("train_subset", None)
+
+    def same(value, wanted) -> bool:
+        return value is None and wanted is None or None not in (value, wanted) and float(value) == float(wanted)
+    return model == preset.model and all(same(settings.get(k), v) for k, v in flags.items())
+
+
 def defense_flags(defense: str, preset: Preset, epochs: int | None = None) -> list[str]:
     """The flags that size a defense run: its own schedule (``config/defense/<name>/config.yaml``),
     long ones scaled by the preset, or exactly ``epochs`` when given; the preset's cuts; and
