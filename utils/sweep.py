@@ -104,7 +104,9 @@ def preset_made(preset: Preset, model: str, settings: dict) -> bool:
     flags.setdefault("train_subset", None)
 
     def same(value, wanted) -> bool:
-        return value is None and wanted is None or None not in (value, wanted) and float(value) == float(wanted)
+        if value is None or wanted is None:
+            return value is None and wanted is None
+        return float(value) == float(wanted)  # "0.05" from the flags, 0.05 from config.yaml
     return model == preset.model and all(same(settings.get(k), v) for k, v in flags.items())
 
 
