@@ -61,9 +61,9 @@ Deviations from BackdoorBench, and why:
     ``--ssba_encoder_epochs 6 --ssba_encoder_subset 10000 --ssba_l2_loss_await 300
     --ssba_l2_loss_ramp 300`` (942 steps of 64; 11 min on 2 CPU cores, about 7 of them idle).
     Measured on the CIFAR-10 JPEG copy's test images: PSNR 20.38 dB and bit accuracy 0.819 (no secret
-    recovered after BCH), below the targets (27 dB, 0.95): 6% of the recipe's 15,640 steps is too few; the bits were
-    still rising (training bit accuracy 0.55, 0.69, 0.74, 0.77, 0.80, 0.83 per epoch). The record's
-    figures say what a setting reaches;
+    recovered after BCH), below the targets (27 dB, 0.95): 6% of the recipe's 15,640 steps is too
+    few; the bits were still rising (training bit accuracy 0.55, 0.69, 0.74, 0.77, 0.80, 0.83 per
+    epoch). The record's figures say what a setting reaches;
   * initialisation: He (Kaiming-normal) weights and zero biases (:func:`he_init`), not PyTorch's
     default, under which the fingerprint's signal reaches the decoder at ~1e-7 and training sits at
     chance for thousands of steps (measured here: still at BCE 0.693 after 314 steps of 64 on CIFAR-10);

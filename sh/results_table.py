@@ -42,10 +42,10 @@ def main(argv: list[str] | None = None) -> str:
     args = p.parse_args(argv)
     rows = collect(Path(args.record_dir))
     tables = build_tables(rows)
-    if args.preset:
-        for table in tables:
-            if preset_made(PRESETS[args.preset], table.model, table.settings):
-                table.caption = f"preset {args.preset}: {PRESETS[args.preset].about}"
+    preset = PRESETS[args.preset] if args.preset else None
+    for table in tables if preset else []:
+        if preset_made(preset, table.model, table.settings):
+            table.caption = f"preset {args.preset}: {preset.about}"
     parts = [format_text(t) for t in tables] or ["no finished records found"]
     if args.paper and tables:
         paper = paper_table(attacks={r.attack for t in tables for r in t.rows},

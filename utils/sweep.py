@@ -100,14 +100,10 @@ def preset_made(preset: Preset, model: str, settings: dict) -> bool:
     """Whether attack records of this model and these training settings are the preset's: its model,
     and the value of every attack flag it sets (its training subset None when it sets none). A folder
     of records may hold several presets' tables; only the preset's own get its description."""
-    flags = {k: v for k, v in _flag_values(preset.attack_flags).items() if k != "eval_every"}
-    flags.setdefault("train_subset", None)
-
-    def same(value, wanted) -> bool:
-        if value is None or wanted is None:
-            return value is None and wanted is None
-        return float(value) == float(wanted)  # "0.05" from the flags, 0.05 from config.yaml
-    return model == preset.model and all(same(settings.get(k), v) for k, v in flags.items())
+    flags = {k: v for k, v in _flag_values(preset.attack_flags).items() if k not in _NOT_COMPARED}
+    if model != preset.model or ("train_subset" not in flags and settings.get("train_subset") is not None):
+        return False
+    return all(_flag_matches(asked, settings.get(key)) for key, asked in flags.items())
 
 
 def defense_flags(defense: str, preset: Preset, epochs: int | None = None) -> list[str]:
@@ -267,9 +263,14 @@ def setting_conflicts(job: Job) -> list[str]:
     for key, asked in _flag_values(job.args).items():
         if key in _NOT_COMPARED or "path" in key.lower() or key not in config:
             continue
-        if yaml.safe_load(asked) != config[key] and str(config[key]) != asked:
+        if not _flag_matches(asked, config[key]):
             differ.append(f"{key} {config[key]} (asked {asked})")
     return differ
+
+
+def _flag_matches(asked: str, value) -> bool:
+    """Whether a command-line value (a string) is the value a config.yaml holds: "0.05" is 0.05."""
+    return yaml.safe_load(asked) == value or str(value) == asked
 
 
 def job_state(job: Job) -> str:
