@@ -200,29 +200,41 @@ def test_bad_secret_exits_2_before_training(capsys, tiny_data, tmp_path):
     assert not (tmp_path / "rec" / "bad").exists() and not (tmp_path / "cache" / "ssba").exists()
 
 
-def test_training_restarts_when_the_bits_do_not_take_off(monkeypatch):
-    """The take-off check: bits still at chance at the end of the L2 await start training again from a
-    new initialisation, at most ``restarts`` times; bits above the bar, or no await, never do."""
+def test_image_loss_weight_follows_backdoorbench_gate():
+    """BackdoorBench's schedule, step by step: the weight is 0 while the gate is closed (whatever the
+    step count), opens after the first batch above 0.9, waits ``await`` steps, then ramps."""
+    from attack.ssba import gate_step, l2_loss_weight
+    accuracies = [0.5, 0.95, 0.6] + [0.5] * 6  # the gate opens after step 2, whatever comes later
+    since, weights = torch.tensor(-1.0), []
+    expected, bb_since = [], -1  # BackdoorBench's resource/ssba/train.py loop, as written there
+    for acc in accuracies:
+        weights.append(float(l2_loss_weight(since, 10, 2, 3)))
+        since = gate_step(since, torch.tensor(acc))
+        expected.append(min(max(0, 10 * (bb_since - 2) / 3), 10))
+        if bb_since == -1:
+            bb_since = 0 if acc > 0.9 else -1
+        else:
+            bb_since += 1
+    assert weights == pytest.approx(expected) and weights == pytest.approx([0, 0, 0, 0, 0, 10 / 3, 20 / 3, 10, 10])
+
+
+def test_image_loss_waits_for_the_bits(monkeypatch):
+    """Through the real loop: while no batch passes the gate, the image loss's weight has no effect
+    (the same networks with weight 10 or 0); once the gate opens at once it has."""
     import attack.ssba as ssba
     images = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    seeds = []
-    real_init = ssba.StegaEncoder.__init__
-
-    def recording_init(self, *args, **kwargs):
-        seeds.append(torch.initial_seed())
-        real_init(self, *args, **kwargs)
-
-    monkeypatch.setattr(ssba.StegaEncoder, "__init__", recording_init)
-    kwargs = dict(resolution=16, bits=8, epochs=2, batch_size=8, lr=1e-3, l2_weight=1, bce_weight=1, l2_ramp=1,
+    kwargs = dict(resolution=16, bits=8, epochs=2, batch_size=8, lr=1e-3, bce_weight=1, l2_await=0, l2_ramp=1,
                   residual=False, seed=5, device="cpu")
     warnings = []
     log = types.SimpleNamespace(info=lambda *a: None, warning=lambda msg, *a: warnings.append(msg % a))
-    monkeypatch.setattr(ssba, "TAKEOFF_BIT_ACCURACY", 1.01)  # no run can reach it: every checked attempt restarts
-    train_stegastamp(images, l2_await=3, restarts=2, log=log, **kwargs)
-    assert seeds == [5, 6, 7]
-    assert len(warnings) == 2 and all("did not take off" in w for w in warnings)
-    for await_steps, bar in ((3, 0.0), (0, 1.01)):  # bits above the bar; no await, no check
-        seeds.clear()
-        monkeypatch.setattr(ssba, "TAKEOFF_BIT_ACCURACY", bar)
-        train_stegastamp(images, l2_await=await_steps, restarts=2, log=log, **kwargs)
-        assert seeds == [5] and len(warnings) == 2
+
+    def encoder_weights(l2_weight):
+        return train_stegastamp(images, l2_weight=l2_weight, log=log, **kwargs)[0].state_dict()
+
+    monkeypatch.setattr(ssba, "L2_GATE_BIT_ACCURACY", 1.01)  # no batch can pass it
+    closed = encoder_weights(10), encoder_weights(0)
+    assert all(torch.equal(closed[0][k], closed[1][k]) for k in closed[0])
+    assert len(warnings) == 2 and all("image loss never acted" in w for w in warnings)
+    monkeypatch.setattr(ssba, "L2_GATE_BIT_ACCURACY", -1.0)  # the first batch opens it
+    opened = encoder_weights(10)
+    assert not all(torch.equal(opened[k], closed[0][k]) for k in opened) and len(warnings) == 2
