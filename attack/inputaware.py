@@ -8,10 +8,11 @@ over ``config/attack/prototype/cifar10.yaml`` (which follow the authors' release
 * two generators of the same encoder-decoder (:class:`EncoderDecoder`): 3x3 conv + BatchNorm
   (momentum 0.05) + ReLU blocks, two per level at 32 / 64 / 128 channels with 2x2 max-pooling
   down, one 128-channel block in the middle, then bilinear x2 upsampling with two blocks per level
-  back to 32 channels and an output block without ReLU; the output passes ``tanh(z) / (2 + 1e-7)
-  + 0.5``. The pattern generator G has 3 output channels (a pattern in [0, 1]); the mask
-  generator M has 1, followed by the steep threshold ``tanh(20 m - 10) / (2 + 1e-7) + 0.5``.
-  Both read the normalised image.
+  back to 32 channels and an output block without ReLU; the output passes ``tanh(tanh(z)) / (2 +
+  1e-7) + 0.5``: tanh twice, as in BackdoorBench, whose generator registers an ``nn.Tanh`` child
+  that its layer loop runs before the explicit one, so patterns and masks lie in (0.119, 0.881), not
+  (0, 1). The pattern generator G has 3 output channels; the mask generator M has 1, followed by
+  the steep threshold ``tanh(20 m - 10) / (2 + 1e-7) + 0.5``. Both read the normalised image.
 * The trigger: ``x_bd = x + (G(x) - x) * M(x)`` (on the 0..1 scale; BackdoorBench computes the same
   in normalised space, which is an affine map of it).
 * Stage 1, ``clean_train_epochs`` (25) epochs, in :meth:`InputAware.make_trigger`: M alone, Adam
@@ -21,13 +22,16 @@ over ``config/attack/prototype/cifar10.yaml`` (which follow the authors' release
   ``div = lambda_div * mean(d(x1, x2) / (d(m1, m2) + EPSILON))``, ``d`` the root mean square
   difference per image (lambda_div 1, lambda_norm 100, mask_density 0.032, EPSILON 1e-7; lambda_div
   enters twice as in BackdoorBench). Then M is frozen (eval mode).
-* Stage 2, the attack's ``epochs`` (100): in every shuffled, augmented batch of B images the first
+* Stage 2, the rest of the attack's ``epochs``, counted as BackdoorBench counts them: its epoch
+  counter goes on from stage 1 and stops past ``epochs``, so 100 epochs are 25 mask epochs and 75
+  classifier epochs (``epochs - clean_train_epochs``, at least 1; metrics.csv numbers them from 1).
+  In every shuffled, augmented batch of B images the first
   ``n = int(pratio * B)`` become backdoor samples ``x + (G(x) - x) * M(x)`` at the attack label, the
   next n cross-trigger samples (image k of them blended with the pattern and mask of ANOTHER image,
   its true label kept), the rest stay clean (below one per batch: one with probability pratio * B,
   BackdoorBench's ``generalize_to_lower_pratio``). The classifier takes the prototype's SGD (lr
   0.01, momentum 0.9, wd 5e-4) with MultiStepLR milestones [100, 200, 300, 400] x 0.1, so its rate
-  never decays within 100 epochs; G takes Adam lr_G 0.01, betas (0.5, 0.9), MultiStepLR
+  never decays within its 75 epochs; G takes Adam lr_G 0.01, betas (0.5, 0.9), MultiStepLR
   schedulerG_milestones [200, 300, 400, 500] x schedulerG_lambda 0.1, on ``cross-entropy + div``
   with ``div`` between the backdoor images and the images lending the cross triggers and between
   their patterns. The gradients flow from the classifier's loss into G (the mask is constant).
@@ -54,8 +58,9 @@ Where this differs from BackdoorBench, and why:
     BackdoorBench draws them from a second, independently shuffled loader; the diversity term
     pairs backdoor image k with that same image, as BackdoorBench pairs it with the second
     loader's. In stage 1 the second image of each pair is the previous image of the shuffled batch
-    (``x.roll(1)``), so M runs once per batch (BackdoorBench runs it on both loaders' batches; with
-    batch statistics over the same images the masks are the same);
+    (``x.roll(1)``), so M runs once per batch (BackdoorBench runs it three times, twice on the first
+    loader's batch and once on the second's; with batch statistics over the same images the masks
+    are the same, but its BatchNorm running statistics move three times per step, ours once);
   * the diversity term is skipped in batches without backdoor samples (BackdoorBench's mean over
     zero samples is NaN there); ``pratio >= 0.5`` is refused (no room for n cross samples);
   * G and M are created with the seed (their own streams), so a rerun makes the same generators;
@@ -76,7 +81,7 @@ costs about three narrow-model epochs per epoch and stage 2 about 1.5x the narro
 9,000 CIFAR-10 images on one busy core, 2 in float32): the attack stores it in the cache (named
 by its fingerprint), so defenses on the same machine do not rebuild it. A reduced setting for a
 CPU: ``--model preactresnet18_w16 --epochs 18 --lr 0.05 --clean_train_epochs 2 --eval_every 6``
-(the sweep's ``cpu`` preset).
+(the sweep's ``cpu`` preset: 2 mask epochs, then 16 classifier epochs).
 
     python attack/inputaware.py --save_folder_name inputaware_demo
 """
@@ -100,7 +105,11 @@ from utils.errors import UserError  # noqa: E402
 from utils.runner import cli_main, run_logger  # noqa: E402
 from utils.train import fit  # noqa: E402
 
-OUT_EPS = 1e-7     # the generators' fixed epsilon in tanh(z) / (2 + eps) + 0.5
+OUT_EPS = 1e-7     # the generators' fixed epsilon in tanh(tanh(z)) / (2 + eps) + 0.5
+# BackdoorBench's generator registers an nn.Tanh as its last child, so its forward runs it in the
+# layer loop and once more explicitly: its output is tanh(tanh(z)) / (2 + eps) + 0.5, in (0.119, 0.881).
+# Records made before this was matched (no ``tanh_passes`` in trigger.safetensors) applied it once.
+TANH_PASSES = 2
 BN_MOMENTUM = 0.05
 ADAM_BETAS = (0.5, 0.9)
 
@@ -118,7 +127,8 @@ class EncoderDecoder(nn.Sequential):
     blocks; 128, 64, 32 channels, the last block to ``out_channels`` without ReLU), then
     ``tanh(z) / (2 + 1e-7) + 0.5``. Input: the normalised image, side divisible by 8."""
 
-    def __init__(self, in_channels: int = 3, out_channels: int = 3, width: int = 32, levels: int = 3):
+    def __init__(self, in_channels: int = 3, out_channels: int = 3, width: int = 32, levels: int = 3,
+                 tanh_passes: int = TANH_PASSES):
         layers: list[nn.Module] = []
         c = in_channels
         for level in range(levels):
@@ -132,9 +142,13 @@ class EncoderDecoder(nn.Sequential):
             layers += [nn.Upsample(scale_factor=2, mode="bilinear")] + _block(c, c) + _block(c, out, relu=not last)
             c = out
         super().__init__(*layers)
+        self.tanh_passes = tanh_passes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(super().forward(x)) / (2 + OUT_EPS) + 0.5
+        z = super().forward(x)
+        for _ in range(self.tanh_passes):
+            z = torch.tanh(z)
+        return z / (2 + OUT_EPS) + 0.5
 
 
 def threshold(m: torch.Tensor) -> torch.Tensor:
@@ -160,8 +174,9 @@ def load_generator(artifacts: dict[str, torch.Tensor], prefix: str, dtype=torch.
     state = {k[len(prefix) + 1:]: v.clone() for k, v in artifacts.items() if k.startswith(prefix + ".")}
     convs = sorted((int(k.split(".")[0]), v) for k, v in state.items() if k.endswith(".weight") and v.dim() == 4)
     first, last = convs[0][1], convs[-1][1]
+    passes = int(artifacts["tanh_passes"]) if "tanh_passes" in artifacts else 1
     with torch.device("meta"):
-        net = EncoderDecoder(first.shape[1], last.shape[0], width=first.shape[0])
+        net = EncoderDecoder(first.shape[1], last.shape[0], width=first.shape[0], tanh_passes=passes)
     net.load_state_dict(state, assign=True)
     return net.to(device=device, dtype=dtype).eval()
 
@@ -283,7 +298,8 @@ class InputAwareTrigger(TrainableTrigger):
         self.scheduler.step()
 
     def artifacts(self) -> dict[str, torch.Tensor]:
-        return {**_prefixed("G", self.netG), **_prefixed("M", self.netM), "mean": self.mean, "std": self.std}
+        return {**_prefixed("G", self.netG), **_prefixed("M", self.netM), "mean": self.mean, "std": self.std,
+                "tanh_passes": torch.tensor(self.netG.tanh_passes)}
 
     def state_dict(self) -> dict:
         grads = {k: p.grad for k, p in self.netG.named_parameters() if p.grad is not None}
@@ -306,6 +322,15 @@ class InputAware(Attack):
     name = "inputaware"
     learns_trigger = True
     cache_rebuilt_test_set = True  # the exact float64 set takes minutes on a CPU
+    epochs_help = ("epochs in all, BackdoorBench's count: the mask generator's --clean_train_epochs, then the "
+                   "classifier for the rest (at least 1): 100 = 25 + 75")
+
+    @classmethod
+    def classifier_epochs(cls, cfg) -> int:
+        """BackdoorBench's epoch counter goes on from the mask stage (it starts at clean_train_epochs + 1)
+        and stage 2 stops once it passes ``--epochs``: ``epochs - clean_train_epochs`` classifier
+        epochs, at least one (its loop runs once before the check)."""
+        return max(1, cfg.epochs - cfg.clean_train_epochs)
 
     @classmethod
     def add_arguments(cls, parser) -> None:
@@ -361,7 +386,7 @@ class InputAware(Attack):
             train_mask(netM, dataset.train, cfg, spec, resolve_device(cfg.device))
         netM.cpu().eval()
         return {**_prefixed("G", netG), **_prefixed("M", netM), "mean": torch.tensor(spec.mean, dtype=torch.float64),
-                "std": torch.tensor(spec.std, dtype=torch.float64)}
+                "std": torch.tensor(spec.std, dtype=torch.float64), "tanh_passes": torch.tensor(TANH_PASSES)}
 
     @staticmethod
     def apply_trigger(images: torch.Tensor, artifacts: dict[str, torch.Tensor]) -> torch.Tensor:

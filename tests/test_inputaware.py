@@ -14,9 +14,9 @@ from utils.record import load_tensors, read_json
 from utils.runner import cli_main
 
 CIFAR = DATASETS["cifar10"]
-# The tiny end-to-end setting: stage 1 one epoch, the attack two; a 64-image batch holds 6 backdoor and
-# 6 cross samples.
-TINY = ["--model", "preactresnet18_w8", "--epochs", "2", "--batch_size", "64", "--clean_train_epochs", "1"]
+# The tiny end-to-end setting: stage 1 one epoch, the classifier two (3 epochs in all, BackdoorBench's
+# count); a 64-image batch holds 6 backdoor and 6 cross samples.
+TINY = ["--model", "preactresnet18_w8", "--epochs", "3", "--batch_size", "64", "--clean_train_epochs", "1"]
 
 
 def cfg(**kw):
@@ -52,6 +52,49 @@ def test_defaults_and_generator_shape():
     x = torch.randn(2, 3, 32, 32)
     torch.set_rng_state(state)
     assert torch.equal(load_generator(art, "G")(x), a.eval()(x)) and torch.equal(torch.get_rng_state(), state)
+
+
+class _BackdoorBenchGenerator(torch.nn.Sequential):
+    """BackdoorBench's generator as it is built: the layers, then an ``nn.Tanh`` registered as a child,
+    and a forward that runs every child and then tanh once more (its attack/inputaware.py)."""
+
+    def __init__(self, layers):
+        super().__init__(*layers)
+        self.tanh = torch.nn.Tanh()
+
+    def forward(self, x):
+        for module in self.children():
+            x = module(x)
+        return torch.nn.Tanh()(x) / (2 + 1e-7) + 0.5
+
+
+def test_generators_apply_tanh_twice_as_backdoorbench():
+    """The same weights and input through ours and through BackdoorBench's structure: the same output,
+    inside (0.119, 0.881); G and M alike. A record made before (no ``tanh_passes``) keeps one pass."""
+    x = torch.randn(4, 3, 32, 32) * 3
+    art = InputAware.make_trigger(cfg(clean_train_epochs=0), CIFAR)
+    assert int(art["tanh_passes"]) == 2
+    for prefix in ("G", "M"):
+        ours = load_generator(art, prefix)
+        assert torch.equal(ours(x), _BackdoorBenchGenerator(list(ours)).eval()(x)), prefix
+    g = load_generator(art, "G")
+    g[-1].bias.data = torch.tensor([1e3, -1e3, 0.0])  # the last BatchNorm's shift saturates two channels
+    out = g(x)
+    assert (0.8807 < out[:, 0]).all() and (out[:, 0] < 0.8808).all()  # 0.5 + tanh(1) / 2, not 1
+    assert (0.1192 < out[:, 1]).all() and (out[:, 1] < 0.1193).all()
+    old = load_generator({k: v for k, v in art.items() if k != "tanh_passes"}, "G")
+    z = torch.nn.Sequential(*list(old))(x)
+    assert torch.equal(old(x), torch.tanh(z) / (2 + 1e-7) + 0.5)
+
+
+def test_classifier_epochs_follow_backdoorbench_count(capsys):
+    """BackdoorBench's counter goes on from the mask stage: 100 epochs are 25 mask + 75 classifier."""
+    assert InputAware.classifier_epochs(cfg()) == 75
+    assert InputAware.classifier_epochs(cfg(epochs=18, clean_train_epochs=2)) == 16
+    assert InputAware.classifier_epochs(cfg(epochs=10)) == 1  # its loop runs once before the check
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "100 = 25 + 75" in " ".join(capsys.readouterr().out.split())
 
 
 def test_mask_generator_obeys_its_density_after_pretraining():
@@ -171,7 +214,7 @@ def test_end_to_end_then_d3_and_rebuild(tiny_data, tmp_path):
     meta = read_json(rec / "record.json")
     assert meta["attack"] == "inputaware"
     trig = load_tensors(rec / "trigger.safetensors")
-    assert {k.split(".")[0] for k in trig} == {"G", "M", "mean", "std"}
+    assert {k.split(".")[0] for k in trig} == {"G", "M", "mean", "std", "tanh_passes"}
     fresh = InputAware.make_trigger(cfg(clean_train_epochs=0), CIFAR)
     assert not torch.equal(trig["G.0.weight"], fresh["G.0.weight"])   # the record holds the trained G
     assert not torch.equal(trig["M.0.weight"], fresh["M.0.weight"])   # and the pre-trained M
@@ -193,7 +236,8 @@ def test_end_to_end_then_d3_and_rebuild(tiny_data, tmp_path):
     assert len(bd) == 90 and (bd.images != dataset.test.images[bd.index]).flatten(1).any(1).all()
     import pandas as pd
     rows = pd.read_csv(rec / "metrics.csv")
-    assert len(rows) == 2 and rows["asr"].notna().all() and "div_loss" in rows
+    assert len(rows) == 2 and rows["asr"].notna().all() and "div_loss" in rows  # 3 epochs: 1 mask + 2
+    assert read_json(rec / "summary.json")["epochs"] == 2
     # the summary's ASR is the record's model on the rebuilt set (the last evaluation used the exact set)
     from utils.evaluate import predict
     from utils.metrics import accuracy
@@ -217,7 +261,8 @@ def test_end_to_end_then_d3_and_rebuild(tiny_data, tmp_path):
 def test_resume_is_bit_identical(capsys, monkeypatch, tiny_data, tmp_path):
     """Interrupted after epoch 1 and resumed: the same classifier, the same trained G (its weights, Adam
     state, scheduler and running gradient sum come back from the checkpoint), the same test set."""
-    argv = [*run_args(tiny_data, tmp_path), *TINY, "--clean_train_epochs", "0"]  # stage 1 is not resumed
+    # stage 1 is not resumed: none here, the classifier's 2 epochs only
+    argv = [*run_args(tiny_data, tmp_path), *TINY, "--clean_train_epochs", "0", "--epochs", "2"]
     main(["--save_folder_name", "straight", *argv])
     restore = interrupt_after_saves(monkeypatch, 1)
     with pytest.raises(SystemExit) as exc:

@@ -347,3 +347,26 @@ def test_results_table(capsys, tiny_data, tiny_record, tmp_path):
     (tmp_path / "half" / "checkpoint.pt").write_bytes(b"")
     assert any(r.record == "half" and r.problem == "unfinished" for r in collect(tmp_path))
     expect_error(capsys, results_table.main, ["--record_dir", str(tmp_path / "nope")], "is not a folder")
+
+
+def test_data_poisoning_attacks_drop_the_last_partial_batch(monkeypatch, tiny_data, tmp_path):
+    """BackdoorBench trains data-poisoning attacks and the prototype with ``drop_last=True``; WaNet and
+    Input-aware (poisoning inside each batch, their own loaders) keep the last partial batch. 200 tiny
+    training images in batches of 64: 3 batches, or 4."""
+    import attack.prototype as prototype
+    import attack.wanet as wanet
+    import utils.attack
+
+    class Seen(Exception):
+        pass
+
+    class Spy(BatchLoader):  # records the training loader's length, then stops the run before training
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            raise Seen(len(self))
+
+    monkeypatch.setattr(utils.attack, "BatchLoader", Spy)
+    for main, batches in ((badnet.main, 3), (prototype.main, 3), (wanet.main, 4)):
+        with pytest.raises(Seen) as seen:
+            main(["--save_folder_name", main.__module__, *run_args(tiny_data, tmp_path), *TINY])
+        assert seen.value.args == (batches,), main.__module__

@@ -118,6 +118,14 @@ class Attack:
     def add_arguments(cls, parser) -> None:
         """Flags of this attack only."""
 
+    # ``--help``'s line for ``--epochs``, for an attack that counts its epochs its own way.
+    epochs_help: str = "training epochs"
+
+    @classmethod
+    def classifier_epochs(cls, cfg: Config) -> int:
+        """The classifier's training epochs: ``--epochs``, unless the attack's procedure counts otherwise."""
+        return cfg.epochs
+
     @classmethod
     def make_trigger(cls, cfg: Config, spec: DatasetSpec, dataset: Dataset | None = None) -> dict[str, torch.Tensor]:
         """The trigger artifacts; ``dataset`` is the clean data, for attacks whose trigger is learned."""
@@ -239,7 +247,7 @@ CPU_HINT = ("the README's quick start trains a narrow model for a few epochs in 
 
 def run_attack(attack: type[Attack], argv=None) -> Path:
     parser = new_parser((attack.__doc__ or attack.name).strip().splitlines()[0])
-    add_common_arguments(parser)
+    add_common_arguments(parser, attack.epochs_help)
     g = parser.add_argument_group("attack")
     g.add_argument("--save_folder_name", type=str, help="record/<save_folder_name>/ receives the result")
     g.add_argument("--pratio", type=float, help="fraction of training samples poisoned, in (0, 1]")
@@ -324,11 +332,16 @@ def _train(attack, cfg, spec, dataset, device, work: Path, checkpoint: Checkpoin
     seed_everything(cfg.random_seed)
     model = place_model(new_model(cfg, spec), device)
     optimizer = build_optimizer(model.parameters(), cfg)
-    scheduler = build_scheduler(optimizer, cfg, cfg.epochs)
+    epochs = attack.classifier_epochs(cfg)
+    scheduler = build_scheduler(optimizer, cfg, epochs)
     normalizer = Normalizer(spec.mean, spec.std, device)
     batch_hook = attack.batch_hook(cfg, artifacts, spec)
+    # BackdoorBench drops the last partial batch when it trains a data-poisoning attack or the prototype
+    # (its BadNet stage 2 and trainer: drop_last=True); WaNet's and Input-aware's own loaders keep it.
+    # A set smaller than one batch keeps its one partial batch rather than train on nothing.
+    data_poisoning = batch_hook is None and not attack.learns_trigger and len(poisoned) >= cfg.batch_size
     loader = BatchLoader(poisoned, cfg.batch_size, normalizer, device=device, shuffle=True,
-                         crop_padding=cfg.random_crop_padding, hflip=cfg.random_hflip,
+                         crop_padding=cfg.random_crop_padding, hflip=cfg.random_hflip, drop_last=data_poisoning,
                          seed=cfg.random_seed, batch_hook=batch_hook)
     evaluator = Evaluator(dataset.test, bd_test, normalizer, device=device, amp=cfg.amp,
                           batch_size=cfg.eval_batch_size)
@@ -340,16 +353,16 @@ def _train(attack, cfg, spec, dataset, device, work: Path, checkpoint: Checkpoin
         loss_fn = trainable.loss
         fit_hooks = dict(after_step=trainable.step, after_epoch=trainable.epoch_end,
                          on_epoch_start=learned.epoch_start)
-    reporter = EpochReporter(learned or evaluator, model, work, "attack", logger, epochs=cfg.epochs,
+    reporter = EpochReporter(learned or evaluator, model, work, "attack", logger, epochs=epochs,
                              eval_every=cfg.eval_every, checkpoint=checkpoint)
     if not resumed:
-        announce_plan(logger, device, model, loader, epochs=cfg.epochs, images_per_epoch=len(poisoned),
-                      amp=cfg.amp, evaluations=-(-cfg.epochs // cfg.eval_every), eval_images=evaluator.num_images,
+        announce_plan(logger, device, model, loader, epochs=epochs, images_per_epoch=len(poisoned),
+                      amp=cfg.amp, evaluations=-(-epochs // cfg.eval_every), eval_images=evaluator.num_images,
                       cpu_hint=CPU_HINT)
     extra_state = {"batch_hook": batch_hook} if hasattr(batch_hook, "state_dict") else None
     if learned is not None:
         extra_state = {"trigger": learned.trainable}
-    fit(model, loader, optimizer, scheduler, loss_fn, epochs=cfg.epochs, amp=cfg.amp,
+    fit(model, loader, optimizer, scheduler, loss_fn, epochs=epochs, amp=cfg.amp,
         on_epoch_end=reporter, desc=f"attack {attack.name}", extra_state=extra_state, **fit_hooks)
 
     final = reporter.rows[-1]
@@ -359,7 +372,7 @@ def _train(attack, cfg, spec, dataset, device, work: Path, checkpoint: Checkpoin
     if attack.cache_rebuilt_test_set:  # so that defenses on this machine need not rebuild it
         _store_cached_set(_cached_set_path(cfg.cache_dir, backdoor_test_fingerprint(bd_test)), bd_test)
     save_tensors(work / "model.safetensors", model.state_dict())
-    summary = {"clean_acc": final["clean_acc"], "asr": final["asr"], "ra": final["ra"], "epochs": cfg.epochs,
+    summary = {"clean_acc": final["clean_acc"], "asr": final["asr"], "ra": final["ra"], "epochs": epochs,
                "train_seconds": sum(r["train_seconds"] for r in reporter.rows),
                "train_images_per_s": _mean(r["train_images_per_s"] for r in reporter.rows),
                "eval_images_per_s": reporter.eval_images / max(reporter.eval_seconds, 1e-9),
@@ -411,7 +424,7 @@ class _LearnedBackdoor:
         return self._final
 
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
-        last = self.epoch + 1 == self.cfg.epochs
+        last = self.epoch + 1 == self.attack.classifier_epochs(self.cfg)
         self.evaluator.set_backdoor(self.final_set() if last else self._make(exact=False))
         return self.evaluator(model)
 

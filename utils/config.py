@@ -47,7 +47,7 @@ def new_parser(description: str) -> argparse.ArgumentParser:
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
-def add_common_arguments(p: argparse.ArgumentParser) -> None:
+def add_common_arguments(p: argparse.ArgumentParser, epochs_help: str = "training epochs") -> None:
     g = p.add_argument_group("common (BackdoorBench names)")
     g.add_argument("--yaml_path", type=str, help="extra YAML config, above the defaults and below flags")
     g.add_argument("--dataset", type=str, help="cifar10 | gtsrb | tiny")
@@ -60,7 +60,7 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
                    "read from --pretrained_path; false trains from scratch)")
     g.add_argument("--pretrained_path", type=str, help="local weights file (.pth state dict or .safetensors, read "
                    "safely), e.g. torchvision's vit_b_16-c867db91.pth; no model hub is reached")
-    g.add_argument("--epochs", type=int)
+    g.add_argument("--epochs", type=int, help=epochs_help)
     g.add_argument("--batch_size", type=int)
     g.add_argument("--lr", type=float)
     g.add_argument("--lr_scheduler", type=str, help="CosineAnnealingLR | MultiStepLR | StepLR | none")
