@@ -54,11 +54,16 @@ Differences from BackdoorBench, and why:
     is broadcast over the channels, as numpy broadcasting does there;
   * its trigger class calls ``astype(np.float)``, an alias NumPy 1.24 removed; the arithmetic here
     is the same float64 addition, clip and truncation in batched torch;
-  * a pattern whose values all lie in [0, 1) is refused: added and truncated it changes no pixel
-    (BackdoorBench ships such files, 1 x 32 x 32 x 3 float32 in [0, 0.2], for vgg19_bn and vit_b_16,
-    which silently give no trigger there); non-finite values and non-numeric arrays are refused;
-  * BackdoorBench's lf yaml sets ``amp: False``; this project's prototype (bf16 autocast on CUDA)
-    applies here as to every attack;
+  * a float pattern with values in [0, 1] (not all zero) is read as on the [0, 1] scale and multiplied
+    by 255, with a warning: BackdoorBench ships such files for vgg19_bn and vit_b_16 on CIFAR-10
+    (1 x 32 x 32 x 3 float32, 0..0.2; times 255 gives 0..51, the range of its uint8 files) and adds
+    them unscaled. There x + p with 0 <= p < 1 is truncated back to x by the cast to uint8, so not
+    one pixel changes (its ``SimpleAdditiveTrigger``, utils/bd_img_transform/patch.py): its runs
+    with those files flip labels on unchanged images. An all-zero pattern (no trigger either way),
+    non-finite values and non-numeric arrays are refused;
+  * BackdoorBench's prototypes set ``amp: False`` (fp32; its lf yaml sets no ``amp``); this
+    project's prototypes turn on bf16 autocast on CUDA (no effect on CPU), here as for every
+    attack; ``--amp false`` gives fp32;
   * the generator: BackdoorBench's resource/lowFrequency/generate_pattern.py runs the paper's
     sequential DeepFool-based UAP on 100 images with a zero-padded Gaussian blur (sigma 6 px), feeds
     the model un-normalised [0, 1] images although it was trained on normalised ones, and saves
@@ -192,16 +197,16 @@ def read_pattern_file(path: Path, image_size: int) -> np.ndarray:
         raise UserError(f"trigger file {path} holds NaN or infinite values")
     if arr.dtype.kind == "f" and arr.min() >= 0 and 0 < arr.max() <= 1:
         # BackdoorBench's published VGG19-BN and ViT-B/16 files for CIFAR-10 are float 0..0.2, which it
-        # adds unscaled to 0..255 images: its trigger all but vanishes there.
+        # adds unscaled to uint8 images: the cast back to uint8 truncates every sum to the original pixel.
         run_logger().warning("trigger file %s holds values in [0, 1] (max %.4g), the [0, 1] image scale; scaled to "
-                             "0..255 here (max %.4g). BackdoorBench adds such a file to 0..255 images unscaled, so "
-                             "its trigger all but vanishes and its figures for these files measure that",
+                             "0..255 here (max %.4g). BackdoorBench adds such a file to uint8 images unscaled and "
+                             "truncates the sum back to uint8, so values below 1 change no pixel (its 0..0.2 files "
+                             "change none: its figures for them measure label flips on unchanged images)",
                              path, float(arr.max()), float(arr.max()) * 255)
         return arr.astype(np.float64) * 255
     if arr.min() >= 0 and arr.max() < 1:
-        raise UserError(f"trigger file {path} holds values in [0, 1) only (max {float(arr.max()):.4g}): added to "
-                        f"uint8 images and truncated, as BackdoorBench does, it changes no pixel; give a pattern on "
-                        f"the 0..255 scale (e.g. the array times 255)")
+        raise UserError(f"trigger file {path} holds only zeros: added to the images it changes no pixel; give a "
+                        f"pattern on the 0..255 scale")
     return arr
 
 

@@ -25,6 +25,11 @@ neurons instead. The mask values are saved as ``anp_mask_values.safetensors`` (o
 BatchNorm layer), the held-out accuracy per threshold as ``anp_thresholds.png``; the summary gives
 the neurons pruned and the threshold.
 
+Precision: with ``--amp`` (the default) on CUDA the mask training (the noise's ascent steps and the
+mask steps) runs under bf16 autocast; BackdoorBench's anp.py uses no autocast, so it runs them in fp32.
+The held-out accuracies that choose the threshold are fp32 here. ``--amp false`` gives fp32
+throughout; whether bf16 changes the results is not yet measured here.
+
     python defense/anp.py --result_file badnet_demo
 """
 from __future__ import annotations

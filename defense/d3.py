@@ -19,6 +19,11 @@ decay, cosine schedule, BN layers in training mode, and its scaling of the objec
 1 / (lambda + 1) when lambda > 1. ``config/defense/d3/official.yaml`` holds the official code's
 own lambda = 0.5.
 
+Precision, where this differs from the official code: with ``--amp`` (the default) on CUDA the
+optimisation's forward passes run under bf16 autocast (the projection rescales the fp32 weights after
+each step); the official code's training loop uses no autocast, so it runs in fp32 (D3 is not in
+BackdoorBench). ``--amp false`` gives fp32; whether bf16 changes the results is not yet measured here.
+
     python defense/d3.py --result_file badnet_demo
 """
 from __future__ import annotations

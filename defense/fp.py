@@ -24,8 +24,15 @@ Where BackdoorBench differs, on purpose:
     * a step prunes exactly the channels it counts (BackdoorBench's ``seq_sort[0:num_pruned - 1]``
       prunes one fewer) and the model kept is the last one within the allowed drop (BackdoorBench
       keeps the mask of the step that broke the rule, since its "last" model is the same object);
-    * mean activations are taken in eval mode without augmentation (BackdoorBench runs the model in
-      training mode on augmented images, which also moves BatchNorm's running statistics).
+    * the channels are ranked on the 90% of the reserve left after the hold-out, without
+      augmentation, so that the ranking reads the images as they are, not one random crop of them.
+      BackdoorBench ranks on all of its 5% through its training transform (random crop, and a flip
+      on CIFAR-10). Both rank in eval mode (BackdoorBench calls ``eval()`` on loading the model),
+      so neither moves BatchNorm's running statistics;
+    * precision: with ``--amp`` (the default) on CUDA the fine-tuning runs under bf16 autocast, where
+      BackdoorBench's trainer runs it under fp16 autocast with a gradient scaler (its fp config sets
+      ``amp: True``); the ranking and the accuracies that decide the pruning are fp32 in both.
+      ``--amp false`` gives fp32 throughout. Whether bf16 changes the results is not yet measured here.
 The accuracy-versus-pruned curve is saved as ``fp_pruning_curve.png`` and the ranking and pruned
 channels as ``fp_pruning.safetensors``; the summary says how many channels were pruned.
 

@@ -21,6 +21,11 @@ Not offered: BackdoorBench's gradient decomposition ``alpha`` (GSAM), 0 in its c
 The training loss reported is the cross-entropy against the smoothed targets (BackdoorBench logs the
 KL divergence, which differs by the targets' constant entropy; the gradients are the same).
 
+Precision: with ``--amp`` (the default) on CUDA both SAM passes (the gradient at w and the one at
+w + e_w) run under bf16 autocast; BackdoorBench's SAM loop uses no autocast (its config's ``amp: True``
+reaches none there), so it runs in fp32. ``--amp false`` gives fp32; whether bf16 changes the results
+is not yet measured here.
+
     python defense/ft-sam.py --result_file badnet_demo
 """
 from __future__ import annotations

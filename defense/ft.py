@@ -4,6 +4,11 @@ The baseline "FT" of the D3 paper's Table 1, with BackdoorBench's ``ft`` setting
 (config/defense/ft/config.yaml): 100 epochs, batch 256, SGD lr 0.01 momentum 0.9 wd 5e-4,
 cosine schedule, 5% of the clean training set, the attack's training augmentation.
 
+Where this differs from BackdoorBench: with ``--amp`` (the default) on CUDA the fine-tuning runs under
+bf16 autocast, where BackdoorBench's trainer runs it under fp16 autocast with a gradient scaler (its ft
+config sets ``amp: True``). ``--amp false`` gives fp32; whether the difference changes the results is
+not yet measured here.
+
     python defense/ft.py --result_file badnet_demo
 """
 from __future__ import annotations

@@ -21,6 +21,12 @@ measured them, and written here: the outer loss adds delta to only 1% of each ba
 (int(0.01 * 256) = 2 images, drawn at random; ``--perturbed_share``), and the inner problem uses
 only the first cached batch (x0, y0).
 
+Precision: with ``--amp`` (the default) on CUDA each round's perturbation search and the implicit
+hypergradient (the inner and outer losses and the K fixed-point iterations) run under bf16 autocast;
+BackdoorBench's i-bau.py uses no autocast (its ``amp`` reaches only a commented-out trainer call), so
+it runs them in fp32. ``--amp false`` gives fp32; whether bf16 changes the results is not yet measured
+here.
+
     python defense/i-bau.py --result_file badnet_demo
 """
 from __future__ import annotations

@@ -30,6 +30,19 @@ takes up to three module names, paired in order with beta1..beta3 (the paper's o
 ``layer2,layer3,layer4`` with 500 / 1000 / 1000). ``--teacher_model_loc`` loads a teacher from a
 safetensors file instead of fine-tuning one.
 
+Where this differs from BackdoorBench, beyond the layers above:
+    * BatchNorm: the single hooked pass of the student updates its running statistics once per
+      batch. BackdoorBench's PreAct-ResNet18 branch runs the student four times per batch in
+      training mode (the whole network, then its prefixes up to the pooling, ``layer4`` and
+      ``layer3``), so ``layer1``-``layer3`` update them 4 times and ``layer4`` 3 times (VGG19-BN:
+      twice): the loss is the same, but the statistics that eval mode reads move with an effective
+      momentum of 1 - 0.9^4 = 0.34 (``layer4``: 0.27) per batch instead of 0.1;
+    * precision: with ``--amp`` (the default) on CUDA the teacher's fine-tuning and the student's
+      distillation run under bf16 autocast; BackdoorBench fine-tunes the teacher under fp16 autocast
+      with a gradient scaler (its trainer, ``amp: True`` in its config) and trains the student in
+      fp32 (its NAD loop uses no autocast). ``--amp false`` gives fp32; whether this changes the
+      results is not yet measured here.
+
     python defense/nad.py --result_file badnet_demo
 """
 from __future__ import annotations

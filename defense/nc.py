@@ -25,8 +25,16 @@ arithmetic is the same.
 Defaults: BackdoorBench's ``nc`` settings for CIFAR-10 (config/defense/nc/config.yaml), 5% reserved
 data with the attack's augmentation. NC reads no test data in BackdoorBench either. Where it differs:
 BackdoorBench stamps the unlearning images with its saved PNGs (min-max rescaled by
-``save_image(normalize=True)``, then resized); here the exact mask and pattern are used. Each class's
-mask and pattern are saved as ``nc_triggers.safetensors`` and ``nc_mask_<class>.png`` /
+``save_image(normalize=True)``, then resized); here the exact mask and pattern are used. The
+unlearning set is the defender's reserve, on purpose: BackdoorBench calls ``choose_index`` again for
+it, which (without ``--index``) draws a second random 5% of the training set, but the defender holds
+only its reserve and a second draw would use data the threat model does not grant. With ``--amp`` (the
+default) on CUDA the trigger search and the unlearning run under bf16 autocast; BackdoorBench searches
+in fp32 (no autocast in its nc.py) and unlearns under fp16 autocast with a gradient scaler (its
+trainer, ``amp: True`` in its config). ``--amp false`` gives fp32; whether this changes the results is
+not yet measured here.
+
+Each class's mask and pattern are saved as ``nc_triggers.safetensors`` and ``nc_mask_<class>.png`` /
 ``nc_pattern_<class>.png``; the summary gives every class's L1 norm, its anomaly index and the
 flagged classes.
 

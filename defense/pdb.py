@@ -30,6 +30,15 @@ a defensive one keeps its malicious trigger and gets the defensive one too). ``-
 clean`` reproduces the official behaviour for comparison: it hands the defense the clean training
 set, outside the threat model, and the summary says so.
 
+Other differences from the official code: the horizontal flip follows the record's augmentation
+(``random_hflip``: on for CIFAR-10, off for GTSRB and Tiny-ImageNet, as in BackdoorBench's training
+transform), for the training set and the defensive samples alike, so that the new model is trained
+as the attack trained its own (a flip changes the meaning of some traffic signs); the official code
+flips every sample on every dataset. With ``--amp`` (the default) on CUDA the training runs under
+bf16 autocast; the official training loop uses no autocast (its config's ``amp: True`` reaches none),
+so it runs in fp32. ``--amp false`` gives fp32; whether this changes the results is not yet measured
+here.
+
     python defense/pdb.py --result_file badnet_demo
 """
 from __future__ import annotations

@@ -24,6 +24,11 @@ schedule but never steps it), beta_1 0.01, beta_2 1, lmd_1 1, lmd_2 0, lmd_3 1, 
 batch, 5% reserved data. As there, the perturbed image is not clipped to [0, 1]. ``--norm_type``
 also takes L2, L1 and Reg (no projection); ``--pgd_init`` zero, random, max or min.
 
+Precision: with ``--amp`` (the default) on CUDA the shared PGD (with the fooled and shared masks it
+reads from the two models' predictions) and the model's steps run under bf16 autocast; BackdoorBench's
+sau.py uses no autocast (its ``--amp`` is parsed and never used), so it runs them in fp32.
+``--amp false`` gives fp32; whether bf16 changes the results is not yet measured here.
+
     python defense/sau.py --result_file badnet_demo
 """
 from __future__ import annotations
