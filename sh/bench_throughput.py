@@ -27,6 +27,7 @@ import torch.nn.functional as F  # noqa: E402
 from models import create_model  # noqa: E402
 from utils.data import BatchLoader, Normalizer, load_dataset  # noqa: E402
 from utils.evaluate import predict  # noqa: E402
+from utils.runner import place_model  # noqa: E402
 
 
 def train_steps(model, optimizer, batches, steps: int, device) -> float:
@@ -100,7 +101,7 @@ def compare_models(names: list[str], dataset, steps: int, device) -> None:
           f"({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), {steps} training steps of 128")
     print(f"  {'model':<22}{'params':>10}{'train img/s':>14}{'eval img/s':>13}")
     for name in names:
-        model = create_model(name, spec.num_classes, pretrained=False).to(device).to(memory_format=torch.channels_last)
+        model = place_model(create_model(name, spec.num_classes, pretrained=False), device)  # the runs' placement
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         train = train_steps(model, optimizer, loader, steps, device)
         evaluate = eval_images_per_s(model, test, normalizer, device)
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         return compare_models([m.strip() for m in a.models.split(",") if m.strip()], dataset, a.steps, device)
 
     def fresh():
-        model = create_model(a.model, spec.num_classes, pretrained=False).to(device).to(memory_format=torch.channels_last)
+        model = place_model(create_model(a.model, spec.num_classes, pretrained=False), device)
         return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
     results = {}
