@@ -5,7 +5,7 @@ Hypergradient", ICLR 2022. A minimax problem over the model theta and a universa
 delta, solved in rounds (model in eval mode throughout):
     1. the round's delta: from zero, in the model's normalised input space, one pass of SGD (lr 10)
        over the reserved data maximising CE(f(x + delta), f(x)'s own prediction) - 0.001 ||delta||^2;
-    2. for each batch of a fixed, once-augmented pass over the reserved data: Adam (lr 1e-4) steps
+    2. for each batch of a fixed, once-augmented pass over the reserved data: Adam (AMSGrad, lr 1e-4) steps
        theta along the implicit hypergradient of the outer loss CE(f(x + mask * delta), y) through
        the inner problem min_delta mean(-CE(f(x0 + delta), y0)) + 0.001 ||delta||^2, whose
        fixed-point map is one gradient step of size 0.1; the fixed-point method runs K = 5
@@ -14,7 +14,7 @@ delta, solved in rounds (model in eval mode throughout):
 so the shared training loop performs the step.
 
 Defaults: BackdoorBench's ``i-bau`` settings for CIFAR-10 (config/defense/i-bau/config.yaml): 5
-rounds (``--n_rounds``, here the epochs), batch 256, K 5, Adam lr 1e-4 at a constant rate (the
+rounds (``--n_rounds``, here the epochs), batch 256, K 5, Adam (AMSGrad) lr 1e-4 at a constant rate (the
 cosine schedule it builds is never stepped), 5% reserved data with the attack's training
 augmentation. Two large choices of BackdoorBench's code are followed because the paper's Table 1
 measured them, and written here: the outer loss adds delta to only 1% of each batch
@@ -123,7 +123,7 @@ def purify(model, clean, cfg, report):
         return surrogate, {"train_loss": outer, "train_acc": (logits["out"].argmax(1) == y).float().mean(),
                            "perturbation_norm": round_state["delta"].norm()}
 
-    optimizer = build_optimizer(model.parameters(), cfg)
+    optimizer = build_optimizer(model.parameters(), cfg)  # Adam with AMSGrad, BackdoorBench's outer_opt
     fit(model, cached, optimizer, build_scheduler(optimizer, cfg, cfg.epochs), loss_fn, epochs=cfg.epochs,
         amp=cfg.amp, train_mode=False, on_epoch_start=find_perturbation, on_epoch_end=report, desc="i-bau")
     return model

@@ -19,7 +19,7 @@ model h being purified. For each batch of the reserved clean data:
 
 Defaults: BackdoorBench's ``sau`` settings for CIFAR-10 (config/defense/sau/config.yaml): 100
 rounds over the reserved data (``--n_rounds``, here the epochs), batch 256, no augmentation, model
-in eval mode (``--train_mode``), Adam lr 1e-4 at a constant rate (BackdoorBench builds a cosine
+in eval mode (``--train_mode``), Adam (AMSGrad) lr 1e-4 at a constant rate (BackdoorBench builds a cosine
 schedule but never steps it), beta_1 0.01, beta_2 1, lmd_1 1, lmd_2 0, lmd_3 1, one outer step per
 batch, 5% reserved data. As there, the perturbed image is not clipped to [0, 1]. ``--norm_type``
 also takes L2, L1 and Reg (no projection); ``--pgd_init`` zero, random, max or min.
@@ -183,7 +183,7 @@ def purify(model, clean, cfg, report):
                       "shared_adv_loss": loss_shared.detach(), "fools_reference": fools_ref.float().mean(),
                       "train_acc": (logits.argmax(1) == y).float().mean()}
 
-    optimizer = build_optimizer(model.parameters(), cfg)
+    optimizer = build_optimizer(model.parameters(), cfg)  # Adam with AMSGrad, BackdoorBench's outer_opt
     loader = clean.loader(cfg.batch_size, cfg.random_seed, augment=False)
     if cfg.outer_steps > 1:
         loader = RepeatedBatches(loader, cfg.outer_steps)

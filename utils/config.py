@@ -68,7 +68,7 @@ def add_common_arguments(p: argparse.ArgumentParser, epochs_help: str = "trainin
     g.add_argument("--steplr_stepsize", type=int, help="StepLR step size (epochs)")
     g.add_argument("--steplr_gamma", type=float, help="StepLR / MultiStepLR decay factor")
     g.add_argument("--cos_t_max", type=int, help="CosineAnnealingLR period in scheduler steps (default: the epochs)")
-    g.add_argument("--client_optimizer", type=str, help="sgd | adam | adamw")
+    g.add_argument("--client_optimizer", type=str, help="sgd | adam (with AMSGrad, as BackdoorBench) | adamw")
     g.add_argument("--sgd_momentum", type=float)
     g.add_argument("--wd", type=float, help="weight decay")
     g.add_argument("--random_seed", type=int)

@@ -35,12 +35,19 @@ def cross_entropy_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor)
     return loss, {"train_loss": loss.detach(), "train_acc": (logits.argmax(1) == y).float().mean()}
 
 
+# BackdoorBench's adam_betas (set in its SAU and i-BAU configs, config/defense/{sau,i-bau}/*.yaml): PyTorch's default.
+ADAM_BETAS = (0.9, 0.999)
+
+
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:
+    """``--client_optimizer`` as BackdoorBench's ``argparser_opt_scheduler`` builds it: SGD with momentum, or Adam
+    with AMSGrad (``amsgrad=True``, betas 0.9 and 0.999), the model optimizer of SAU and i-BAU. ``adamw`` is
+    PyTorch's AdamW, which BackdoorBench does not offer."""
     name = cfg.client_optimizer.lower()
     if name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.wd)
     if name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.wd)
+        return torch.optim.Adam(params, lr=cfg.lr, betas=ADAM_BETAS, weight_decay=cfg.wd, amsgrad=True)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.wd)
     raise UserError(f"unknown --client_optimizer {cfg.client_optimizer!r}; choose sgd, adam or adamw")
