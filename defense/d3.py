@@ -17,7 +17,8 @@ Defaults: the paper's lambda = 10, eps = 0.1, 5% reserved clean data and theta_s
 ``linear``; the official code's 100 epochs, batch 256, SGD lr 0.01 momentum 0.9 without weight
 decay, cosine schedule, BN layers in training mode, and its scaling of the objective by
 1 / (lambda + 1) when lambda > 1. ``config/defense/d3/official.yaml`` holds the official code's
-own lambda = 0.5.
+own lambda = 0.5. ``--client_optimizer`` is honoured (``adam``: Adam with AMSGrad, as every script
+builds it), the projection following each step of whichever optimizer.
 
 Precision, where this differs from the official code: with ``--amp`` (the default) on CUDA the
 optimisation's forward passes run under bf16 autocast (the projection rescales the fp32 weights after
@@ -42,7 +43,7 @@ from utils.config import str2bool  # noqa: E402
 from utils.defense import run_defense  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.runner import cli_main  # noqa: E402
-from utils.train import build_scheduler, fit  # noqa: E402
+from utils.train import build_optimizer, build_scheduler, fit  # noqa: E402
 
 WARM_UP_METHODS = ("uniform", "near", "middle", "far", "noise")
 
@@ -148,7 +149,7 @@ def purify(model, clean, cfg, report):
                            "clean_penalty": clean_penalty.detach(),
                            "distance": distance.detach(), "train_acc": (logits.argmax(1) == y).float().mean()}
 
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.wd)
+    optimizer = build_optimizer(model.parameters(), cfg)  # the default: the official code's SGD
     scheduler = build_scheduler(optimizer, cfg, cfg.epochs)
     fit(model, clean.loader(cfg.batch_size, cfg.random_seed), optimizer, scheduler, loss_fn, epochs=cfg.epochs,
         amp=cfg.amp, train_mode=cfg.train_mode,
