@@ -108,7 +108,7 @@ from utils.train import fit  # noqa: E402
 OUT_EPS = 1e-7     # the generators' fixed epsilon in tanh(tanh(z)) / (2 + eps) + 0.5
 # BackdoorBench's generator registers an nn.Tanh as its last child, so its forward runs it in the
 # layer loop and once more explicitly: its output is tanh(tanh(z)) / (2 + eps) + 0.5, in (0.119, 0.881).
-# Records made before this was matched (no ``tanh_passes`` in trigger.safetensors) applied it once.
+# A record whose trigger.safetensors has no ``tanh_passes`` was made with one pass and is rebuilt with one.
 TANH_PASSES = 2
 BN_MOMENTUM = 0.05
 ADAM_BETAS = (0.5, 0.9)

@@ -74,12 +74,11 @@ Deviations from BackdoorBench, and why:
     default, under which the fingerprint's signal reaches the decoder at ~1e-7 and training sits at
     chance for thousands of steps (measured here: still at BCE 0.693 after 314 steps of 64 on CIFAR-10);
     the layers and their sizes follow BackdoorBench's models (its 2x2 up-convolutions included);
-  * no restarts: an earlier version started training again when the bits were still at chance at
-    the end of a fixed L2 await, because the image loss, switched on by the step count, pulled the
-    encoder towards the identity before the bits had taken off. With BackdoorBench's gate the image
-    loss waits for the bits, so that cannot happen, and with He initialisation the bits leave chance
-    within about 100 steps; the check is gone. A run whose gate never opens is logged as a warning
-    (its images are not held close to the clean ones), and so is a final bit accuracy below 0.55;
+  * no restarts are needed: an image loss switched on by the step count alone can pull the encoder
+    towards the identity before the bits take off and leave them at chance; BackdoorBench's gate
+    waits for the bits, and with He initialisation they leave chance within about 100 steps. A run
+    whose gate never opens is logged as a warning (its images are not held close to the clean
+    ones), and so is a final bit accuracy below 0.55;
   * the decoder is not in the record (only the encoder is needed to rebuild the poisoned sets);
     it stays in the cache with the encoder.
 
