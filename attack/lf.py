@@ -73,7 +73,8 @@ Differences from BackdoorBench, and why:
     shipped files. The paper's code also switches the target to the "dominant" label; here the
     target stays ``--attack_target``, as in BackdoorBench's generator.
 
-    python attack/lf.py --save_folder_name lf_demo --lowFrequencyPatternPath ../shared/data/backdoorbench-resource/lowFrequency
+    python attack/lf.py --save_folder_name lf_demo \
+        --lowFrequencyPatternPath ../shared/data/backdoorbench-resource/lowFrequency
 """
 from __future__ import annotations
 
@@ -183,7 +184,8 @@ def read_pattern_file(path: Path, image_size: int) -> np.ndarray:
     shape = arr.shape
     if arr.ndim == 4 and shape[0] >= 1:
         if shape[0] > 1:
-            run_logger().info("trigger file %s holds %d patterns; taking the first, as BackdoorBench does", path, shape[0])
+            run_logger().info("trigger file %s holds %d patterns; taking the first, as BackdoorBench does", path,
+                              shape[0])
         arr = arr[0]
     elif arr.ndim == 2:
         arr = np.stack((arr,) * 3, axis=-1)
@@ -302,8 +304,8 @@ class LowFrequency(Attack):
         if cfg.lowFrequencyPatternPath:
             path = resolve_pattern_path(cfg.lowFrequencyPatternPath, spec.name, cfg.model)
             arr = read_pattern_file(path, spec.image_size)
-            run_logger().info("low-frequency trigger from %s: %s %s, values %g..%g", path, "x".join(map(str, arr.shape)),
-                              arr.dtype, float(arr.min()), float(arr.max()))
+            run_logger().info("low-frequency trigger from %s: %s %s, values %g..%g", path,
+                              "x".join(map(str, arr.shape)), arr.dtype, float(arr.min()), float(arr.max()))
             return {"pattern": pattern_tensor(arr)}
         _check_generator_flags(cfg, spec)
         if dataset is None:

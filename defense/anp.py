@@ -205,8 +205,9 @@ def purify(model, clean, cfg, report):
         thresholds = [round(i * cfg.pruning_step, 10) for i in range(steps + 1)]
         threshold, count, curve = choose_threshold(model, ranking, thresholds,
                                                    held_out.accuracy, cfg.acc_ratio)
-        report.save_plot("anp_thresholds.png", [t for t, _ in curve], {"held-out clean accuracy": [a for _, a in curve]},
-                         xlabel="mask threshold", ylabel="accuracy")
+        report.save_plot("anp_thresholds.png", [t for t, _ in curve],
+                         {"held-out clean accuracy": [a for _, a in curve]}, xlabel="mask threshold",
+                         ylabel="accuracy")
     prune_neurons(model, ranking[:count])
     report.log("anp: pruned %d of %d BatchNorm neurons (threshold %s; held-out accuracy %.4f on %d images)", count,
                len(ranking), threshold, held_out.accuracy(model), len(held_out))

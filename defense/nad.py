@@ -162,7 +162,8 @@ def purify(model, clean, cfg, report):
         ce = F.cross_entropy(logits, y)
         at = [beta * attention_loss(student_out[n], teacher_out[n], cfg.p) for n, beta in zip(layers, betas)]
         loss = ce + sum(at)
-        logs = {"train_loss": loss.detach(), "ce_loss": ce.detach(), "train_acc": (logits.argmax(1) == y).float().mean()}
+        logs = {"train_loss": loss.detach(), "ce_loss": ce.detach(),
+                "train_acc": (logits.argmax(1) == y).float().mean()}
         logs.update({f"at_loss_{n}": a.detach() for n, a in zip(layers, at)})
         return loss, logs
 

@@ -113,7 +113,8 @@ class ClassSchedule:
             self.best_mask, self.best_pattern, self.best_norm = mask.clone(), pattern.clone(), norm
         if cfg.early_stop:
             if self.best_norm < float("inf"):
-                self.early_counter = self.early_counter + 1 if self.best_norm >= cfg.early_stop_threshold * self.early_best else 0
+                stalled = self.best_norm >= cfg.early_stop_threshold * self.early_best
+                self.early_counter = self.early_counter + 1 if stalled else 0
             self.early_best = min(self.early_best, self.best_norm)
             if self.went_up and self.went_down and self.early_counter >= cfg.early_stop_patience:
                 self.stopped = True
@@ -150,13 +151,14 @@ def reverse_engineer(model, loader, classes: list[int], cfg, normalizer, shape) 
         if not active:
             break
         loader.set_epoch(epoch)
-        acc_sum, norm_sum, batches = torch.zeros(len(classes), device=device), torch.zeros(len(classes), device=device), 0
+        acc_sum, norm_sum = torch.zeros(len(classes), device=device), torch.zeros(len(classes), device=device)
+        batches, bf16 = 0, cfg.amp and device.type == "cuda"
         for x, _ in loader:
             m = torch.stack([squash(masks[i]) for i in active])  # [A, 1, H, W]
             p = (torch.stack([squash(patterns[i]) for i in active]) - mean) / std  # normalised patterns
             stamped = (1 - m[:, None]) * x[None] + m[:, None] * p[:, None]  # [A, B, C, H, W]
             target = torch.tensor([classes[i] for i in active], device=device).repeat_interleave(x.shape[0])
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(stamped.flatten(0, 1)).float()
             ce = F.cross_entropy(logits, target, reduction="none").view(len(active), -1).mean(1)
             norms = torch.linalg.vector_norm(m.flatten(1), ord=cfg.use_norm, dim=1)

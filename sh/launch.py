@@ -132,9 +132,9 @@ def main(argv: list[str] | None = None) -> int:
             executor = submitit.AutoExecutor(folder=folder / "%j", cluster=args.executor)
             executor.update_parameters(timeout_min=args.timeout_min, name="backdoor-sweep")
             if args.executor == "slurm":
+                partition = {"slurm_partition": args.slurm_partition} if args.slurm_partition else {}
                 executor.update_parameters(gpus_per_node=1, cpus_per_task=args.cpus_per_job,
-                                           slurm_array_parallelism=args.slurm_array_parallelism,
-                                           **({"slurm_partition": args.slurm_partition} if args.slurm_partition else {}))
+                                           slurm_array_parallelism=args.slurm_array_parallelism, **partition)
             run_submitit(jobs, executor, progress, wait=not args.no_wait)
     except KeyboardInterrupt:
         print(f"{progress.summary()}; interrupted: the same command resumes the sweep", flush=True)

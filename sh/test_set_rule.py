@@ -74,7 +74,8 @@ def fp_rule(model, out: Path, evaluate) -> str:
 
     def pruned_by(count):
         pruned = copy.deepcopy(model)
-        fp.prune_channels(dict(pruned.named_modules())[layer_name], ranking[:count].to(next(pruned.parameters()).device))
+        device = next(pruned.parameters()).device
+        fp.prune_channels(dict(pruned.named_modules())[layer_name], ranking[:count].to(device))
         return pruned
 
     kept = 0

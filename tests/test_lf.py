@@ -111,7 +111,8 @@ def test_pickled_npy_is_refused_without_running_it(tmp_path, capsys, tiny_data):
     with pytest.raises(UserError, match="refused trigger file .*pickled Python objects"):
         LowFrequency.make_trigger(cfg(lowFrequencyPatternPath=str(tmp_path / "evil.npy")), CIFAR)
     expect_error(capsys, main, ["--save_folder_name", "bad", "--dataset_path", str(tiny_data["pickles"]),
-                                 "--record_dir", str(tmp_path), "--lowFrequencyPatternPath", str(tmp_path / "evil.npy")],
+                                 "--record_dir", str(tmp_path),
+                                 "--lowFrequencyPatternPath", str(tmp_path / "evil.npy")],
                   "pickled Python objects")
     assert not marker.exists() and not (tmp_path / "bad").exists()
 
@@ -138,7 +139,8 @@ def test_bad_npy_exits_2_and_writes_nothing(capsys, tiny_data, tmp_path, name, c
         np.save(path, blob())
         path.write_bytes(path.read_bytes()[:200])
     argv = ["--save_folder_name", "bad", "--dataset_path", str(tiny_data["pickles"]), "--record_dir",
-            str(tmp_path / "rec"), "--model", "preactresnet18_w8", "--epochs", "1", "--lowFrequencyPatternPath", str(path)]
+            str(tmp_path / "rec"), "--model", "preactresnet18_w8", "--epochs", "1",
+            "--lowFrequencyPatternPath", str(path)]
     expect_error(capsys, main, argv, pattern)
     assert not (tmp_path / "rec" / "bad").exists()
 
@@ -230,8 +232,8 @@ def test_generator_is_low_frequency_in_range_and_cached(tiny_data, tmp_path, mon
     again = LowFrequency.make_trigger(c, CIFAR, dataset)["pattern"]
     assert time.perf_counter() - start < 2.0 and torch.equal(again, art)
     # the folder can be given back to the flag
-    assert torch.equal(LowFrequency.make_trigger(cfg(model="preactresnet18_w8", lowFrequencyPatternPath=str(folders[0])),
-                                                 CIFAR)["pattern"], art)
+    from_folder = cfg(model="preactresnet18_w8", lowFrequencyPatternPath=str(folders[0]))
+    assert torch.equal(LowFrequency.make_trigger(from_folder, CIFAR)["pattern"], art)
 
     # another UAP setting: another file, but the same cached clean model (no training)
     monkeypatch.undo()

@@ -243,7 +243,8 @@ def test_attack_then_every_layer_defense_on_each_narrow_model(model, capsys, tin
     assert read_yaml(out / "nad" / "config.yaml")["nad_layers"] == ",".join(layers.stages)
     assert 0 <= read_json(out / "d3" / "summary.json")["asr"] <= 1
     if layers.pruned is None:
-        expect_error(capsys, fp.main, ["--result_file", "r", *args, "--epochs", "1"], "vit_tiny_test has none; to prune the features entering a Linear layer")
+        expect_error(capsys, fp.main, ["--result_file", "r", *args, "--epochs", "1"],
+                     "vit_tiny_test has none; to prune the features entering a Linear layer")
         assert not (out / "fp").exists()
     else:
         fp.main(["--result_file", "r", *args, "--epochs", "1"])

@@ -102,7 +102,8 @@ def test_pdb_receives_the_poisoned_set_but_no_index_trigger_or_test_data(tiny_da
     secrets += list(load_tensors(tmp_path / "badnet" / "indices.safetensors").values())
     secrets += list(load_tensors(tmp_path / "badnet" / "trigger.safetensors").values())
     record = load_attack_record(tmp_path / "badnet")
-    poisoned = poisoned_train_set(record, load_train_set(record, load_dataset("cifar10", str(tiny_data["pickles"]), None)))
+    dataset = load_dataset("cifar10", str(tiny_data["pickles"]), None)
+    poisoned = poisoned_train_set(record, load_train_set(record, dataset))
     seen = {}
 
     def spy(model, held, cfg, report):

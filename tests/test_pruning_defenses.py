@@ -50,7 +50,8 @@ def test_defense_writes_every_file(pruned, name):
     out = pruned / "defense" / name
     extra = {"anp": ["anp_mask_values.safetensors", "anp_thresholds.png"],
              "fp": ["fp_pruning.safetensors", "fp_pruning_curve.png"]}[name]
-    assert {"record.json", "model.safetensors", "metrics.csv", "summary.json", *extra} <= {p.name for p in out.iterdir()}
+    written = {p.name for p in out.iterdir()}
+    assert {"record.json", "model.safetensors", "metrics.csv", "summary.json", *extra} <= written
     summary = json.loads((out / "summary.json").read_text())
     assert summary["reserved_size"] == 100 and summary["held_out_size"] == 10 and summary["train_size"] == 90
     assert all(0.0 <= summary[k] <= 1.0 for k in ("clean_acc", "asr", "ra"))

@@ -157,7 +157,8 @@ def test_sau_shared_term_counts_only_samples_that_fool_the_frozen_model():
     loss = sau.shared_adversarial_loss(logits, adv_label_ref, fools)
     p = F.softmax(logits, 1)
     pos = torch.stack([p[0, 0], p[2, 2]])
-    expected = (-torch.log(1e-6 + (1 - pos).clamp(max=0.999)).sum() - torch.log(1 + 1e-6 - pos.clamp(min=0.001)).sum()) / 2 / 3
+    expected = (-torch.log(1e-6 + (1 - pos).clamp(max=0.999)).sum()
+                - torch.log(1 + 1e-6 - pos.clamp(min=0.001)).sum()) / 2 / 3
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     changed = logits.clone()
     changed[1] = torch.tensor([5.0, -5.0, 0.0])  # a sample that does not fool the frozen model: no effect

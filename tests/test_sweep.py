@@ -80,7 +80,8 @@ def test_tables_from_hand_written_summaries(hand_records, tmp_path):
     main = tables[0]
     assert [r.attack for r in main.rows] == ["badnet", "blended"] and main.defenses == ["ft", "anp", "d3"]
     d3 = main.rows[0].cells["d3"]
-    assert d3.n_seeds == 2 and d3.mean("clean_acc") == pytest.approx(90) and d3.std("clean_acc") == pytest.approx(2 ** 0.5)
+    assert d3.n_seeds == 2 and d3.mean("clean_acc") == pytest.approx(90)
+    assert d3.std("clean_acc") == pytest.approx(2 ** 0.5)
     # The Average row averages each column over attacks, DER included; a missing cell makes it '-'.
     assert main.average("ft", "der") == pytest.approx((95.5 + 74) / 2)
     assert main.average("anp", "clean_acc") is None and main.average("none", "asr") == pytest.approx((96 + 99) / 2)
@@ -106,7 +107,8 @@ def test_tables_from_hand_written_summaries(hand_records, tmp_path):
                                          "n_seeds"] == CSV_COLUMNS[:9]
         rows = list(reader)
     by = {(r["setting"], r["attack"], r["defense"]): r for r in rows}
-    assert by[("epochs=100", "badnet", "d3")]["clean_acc"] == "90.00" and by[("epochs=100", "badnet", "d3")]["n_seeds"] == "2"
+    d3_row = by[("epochs=100", "badnet", "d3")]
+    assert d3_row["clean_acc"] == "90.00" and d3_row["n_seeds"] == "2"
     assert by[("epochs=100", "badnet", "none")]["der"] == "" and by[("epochs=100", "badnet", "none")]["asr"] == "96.00"
     assert by[("epochs=100", "Average", "ft")]["der"] == "84.75" and by[("epochs=100", "Average", "anp")]["asr"] == ""
     assert by[("epochs=10", "badnet", "ft")]["clean_acc"] == "60.00"
@@ -163,7 +165,8 @@ def test_results_table_command(hand_records, tmp_path, capsys):
     text = results_table.main(["--record_dir", str(hand_records), "--out", str(tmp_path / "s"), "--preset", "smoke"])
     assert "preactresnet18_w16; preset smoke: SMOKE RUN: narrow PreAct-ResNet18 (width 16), 6 attack epochs" in text
     assert text.count("SMOKE RUN") == 1 and "cifar10, preactresnet18 (epochs=100), in %" in text
-    assert "preset smoke: SMOKE RUN" in (tmp_path / "s.md").read_text() and "SMOKE RUN" in (tmp_path / "s.tex").read_text()
+    assert "preset smoke: SMOKE RUN" in (tmp_path / "s.md").read_text()
+    assert "SMOKE RUN" in (tmp_path / "s.tex").read_text()
     assert not preset_made(PRESETS["cpu"], "preactresnet18_w16", {"epochs": 18, "lr": 0.05, "train_subset": 25000})
     assert preset_made(PRESETS["cpu_small"], "preactresnet18_w16", {"epochs": 18, "lr": 0.05, "train_subset": 25000})
 

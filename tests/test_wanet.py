@@ -213,8 +213,8 @@ def test_augmentation_is_one_draw_per_batch():
     for seed in range(3):
         out = augment_batch(small, torch.Generator().manual_seed(seed), padding=5, degrees=0.0, hflip=False,
                             fill=FILL)
-        matches = [(t, l) for t in range(11) for l in range(11)
-                   if torch.equal(out, crop(small, torch.tensor(t), torch.tensor(l), 5, fill))]
+        matches = [(t, left) for t in range(11) for left in range(11)
+                   if torch.equal(out, crop(small, torch.tensor(t), torch.tensor(left), 5, fill))]
         assert len(matches) == 1  # one crop offset for the whole batch
     for seed in range(6):  # a rotation is one angle for the batch: it commutes with reordering the batch
         perm = torch.randperm(16, generator=torch.Generator().manual_seed(seed))

@@ -57,7 +57,8 @@ def balanced_subset(labels: torch.Tensor, count: int, seed: int, num_classes: in
     if short:
         raise UserError(f"{flag} needs {quota[short[0]]} images of class {short[0]}, which has "
                         f"{len(per_class[short[0]])}; choose a smaller value")
-    chosen = [idx[random_subset(len(idx), q, seed, f"{stream}:{k}")] for k, (idx, q) in enumerate(zip(per_class, quota))]
+    chosen = [idx[random_subset(len(idx), q, seed, f"{stream}:{k}")]
+              for k, (idx, q) in enumerate(zip(per_class, quota))]
     return torch.cat(chosen).sort().values
 
 

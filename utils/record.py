@@ -195,8 +195,8 @@ def check_format(meta: dict, path: Path, kind: str) -> None:
     version = meta.get("format_version")
     if version not in SUPPORTED_FORMAT_VERSIONS:
         readable = " or ".join(str(v) for v in SUPPORTED_FORMAT_VERSIONS)
-        advice = ("rerun the step that wrote it with this toolkit" if isinstance(version, int) and version < FORMAT_VERSION
-                  else "update the toolkit")
+        older = isinstance(version, int) and version < FORMAT_VERSION
+        advice = "rerun the step that wrote it with this toolkit" if older else "update the toolkit"
         raise UserError(f"{path} has record format version {version!r}, this toolkit reads version {readable} "
                         f"only; {advice}")
     if meta.get("kind") != kind:

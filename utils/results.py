@@ -421,7 +421,8 @@ def csv_rows(tables: list[Table]) -> list[dict]:
         for d in [NONE] + t.defenses:
             cells = [row.cells[d] for row in t.rows if d in row.cells]
             out.append({"dataset": t.dataset, "model": t.model, "attack": "Average", "defense": d,
-                        **{m: fmt(t.average(d, m)) for m in METRICS}, "der": "" if d == NONE else fmt(t.average(d, "der")),
+                        **{m: fmt(t.average(d, m)) for m in METRICS},
+                        "der": "" if d == NONE else fmt(t.average(d, "der")),
                         "n_seeds": min((c.n_seeds for c in cells), default=0),
                         **{f"{m}_std": "" for m in METRICS}, "wall_seconds": "",
                         "wall_vs_ft": fmt(t.cost(d)), "setting": t.setting, "records": ""})
@@ -438,8 +439,8 @@ def save_cost_figure(tables: list[Table], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(tables), 1, figsize=(max(6, 0.8 * max(len(t.defenses) for t in tables)), 3.5 * len(tables)),
-                             squeeze=False)
+    width = max(6, 0.8 * max(len(t.defenses) for t in tables))
+    fig, axes = plt.subplots(len(tables), 1, figsize=(width, 3.5 * len(tables)), squeeze=False)
     for ax, t in zip(axes[:, 0], tables):
         xs = range(len(t.defenses))
         ax.bar(xs, [t.cost(d) or 0 for d in t.defenses], color="#8fb3d9", label="mean over attacks")

@@ -171,7 +171,8 @@ def describe_unfinished(folder: Path) -> str:
         return "it does not exist"
     if (folder / CHECKPOINT).is_file():
         return "its run was interrupted (the same command with --resume continues it)"
-    present = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and p.suffix not in (".png", ".log"))
+    present = sorted(p.name for p in folder.iterdir()
+                     if not p.name.startswith(".") and p.suffix not in (".png", ".log"))
     if not present:
         return "it holds no result files"
     return f"record.json, written last by a finished run, is missing (present: {', '.join(present)})"

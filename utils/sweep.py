@@ -47,7 +47,8 @@ PAPER_DEFENSES = ["ft", "anp", "fp", "nc", "nad", "i-bau", "ft-sam", "sau", "d3"
 IN_TRAINING = {"pdb"}  # defenses that train a new model on the poisoned set: an attack's cost, not a fine-tune's
 CLEAN_ATTACKS = {"prototype"}  # a clean model: no backdoor to remove, so no defense runs on it
 
-LONG_SCHEDULE = 50  # presets scale defense schedules this long or longer (FT, FT-SAM, FP, D3: 100 epochs; SAU: 100 rounds)
+# Presets scale defense schedules this long or longer (FT, FT-SAM, FP, D3: 100 epochs; SAU: 100 rounds).
+LONG_SCHEDULE = 50
 
 
 @dataclass(frozen=True)
@@ -227,8 +228,8 @@ class Sweep:
                 name = self.record_name(attack, seed)
                 epochs = ["--epochs", str(self.attack_epochs)] if self.attack_epochs else []
                 cuts = [f for k, v in self.preset.cuts.get(attack, {}).items() for f in (f"--{k}", str(v))]
-                args = ["--save_folder_name", name, "--model", self.model or self.preset.model, "--dataset", self.dataset,
-                        *data_path,
+                args = ["--save_folder_name", name, "--model", self.model or self.preset.model,
+                        "--dataset", self.dataset, *data_path,
                         *self.preset.attack_flags, *epochs, *cuts, *trigger_file_flags(attack, self.resource_dir),
                         *run,
                         "--random_seed", str(seed), *self.attack_args]
