@@ -107,6 +107,9 @@ def test_defense_end_to_end(defended, name):
     (["--attack_label_trans", "all2some"], "choose all2one or all2all"),
     (["--dataset", "mnist"], "unknown dataset 'mnist'"),
     (["--train_subset", "0"], "--train_subset asks for 0 images; choose between 1 and the 200"),
+    (["--lr", "nan"], "--lr nan is not a finite number"),
+    (["--wd", "inf"], "--wd inf is not a finite number"),
+    (["--wd=-0.1"], "--wd -0.1 must not be negative"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
 ])
 def test_attack_bad_input(capsys, tiny_data, tmp_path, extra, pattern):
@@ -136,6 +139,7 @@ def test_defense_bad_input(capsys, tiny_data, tiny_record, tmp_path):
     base = [*run_args(tiny_data, tmp_path), "--epochs", "1"]
     expect_error(capsys, d3.main, ["--result_file", "nope", *base], "no finished attack record")
     expect_error(capsys, d3.main, ["--result_file", "badnet", "--ratio", "0", *base], "--ratio 0.0 is outside")
+    expect_error(capsys, ft.main, ["--result_file", "badnet", "--wd", "nan", *base], "--wd nan is not a finite")
     expect_error(capsys, d3.main, ["--result_file", "badnet", "--select_layer_name", "fc", *base], "not a module")
     expect_error(capsys, d3.main, ["--result_file", "badnet", *base, "--dataset_path", str(tiny_data["zip"])],
                  "is not the data the attack used")

@@ -35,6 +35,18 @@ def test_yaml_values_are_typed_and_unknown_keys_refused(tmp_path):
         resolve_config(_parser(), [tmp_path / "absent.yaml"], [])
 
 
+@pytest.mark.parametrize("argv,yaml_text,message", [
+    (["--lr", "nan"], "", "--lr nan is not a finite number"),
+    (["--lr", "inf"], "", "--lr inf is not a finite number"),
+    (["--wd=-inf"], "", "--wd -inf is not a finite number"),
+    ([], "pratio: .nan\n", "--pratio nan is not a finite number"),
+])
+def test_number_flags_must_be_finite(tmp_path, argv, yaml_text, message):
+    (tmp_path / "a.yaml").write_text(yaml_text or "lr: 0.1\n")
+    with pytest.raises(UserError, match=message):
+        resolve_config(_parser(), [tmp_path / "a.yaml"], argv)
+
+
 def test_str2bool():
     assert str2bool("True") and str2bool("1") and not str2bool("off")
     with pytest.raises(Exception):

@@ -10,6 +10,7 @@ error rather than a silently ignored setting.
 from __future__ import annotations
 
 import argparse
+import math
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -138,7 +139,19 @@ def resolve_config(parser: argparse.ArgumentParser, layers, argv=None) -> Config
                 raise UserError(f"{source}: unknown setting {key!r} (see --help for the accepted flags)")
             merged[key] = _coerce(actions[key], key, value, source)
     merged.update(args)
+    for key, value in merged.items():
+        _check_finite(actions[key], key, value)
     return Config(**merged)
+
+
+def _check_finite(action: argparse.Action, key: str, value) -> None:
+    """Every number flag, from the command line or a YAML file, is finite: ``nan`` or ``inf`` would
+    train garbage and still write a finished record."""
+    if action.type is not float or value is None:
+        return
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if not (isinstance(v, (int, float)) and math.isfinite(v)):
+            raise UserError(f"--{key} {v} is not a finite number; give a finite value")
 
 
 def require(cfg: Config, *keys: str) -> None:
@@ -154,6 +167,8 @@ def check_training(cfg: Config) -> None:
             raise UserError(f"--{key} {getattr(cfg, key)} must be at least 1")
     if getattr(cfg, "lr", 1.0) <= 0:
         raise UserError(f"--lr {cfg.lr} must be positive")
+    if getattr(cfg, "wd", 0.0) < 0:
+        raise UserError(f"--wd {cfg.wd} must not be negative")
 
 
 def check_range(name: str, value: float, low: float, high: float, low_open: bool = True) -> None:
