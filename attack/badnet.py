@@ -84,15 +84,19 @@ class BadNet(Attack):
         parser.add_argument("--patch_size", type=int, help="side of the default white square patch")
 
     @classmethod
+    def check_flags(cls, cfg, spec) -> None:
+        if not cfg.patch_path and not 1 <= cfg.patch_size <= FRAME:
+            raise UserError(f"--patch_size {cfg.patch_size} must be between 1 and {FRAME} (the patch is drawn on "
+                            f"BackdoorBench's {FRAME}-pixel frame, then resized to the image size)")
+
+    @classmethod
     def make_trigger(cls, cfg, spec, dataset=None) -> dict[str, torch.Tensor]:
+        cls.check_flags(cfg, spec)
         size = spec.image_size
         if cfg.patch_path:
             patch = _trigger_image(cfg.patch_path, size, "patch")
         else:
             side = cfg.patch_size
-            if not 1 <= side <= FRAME:
-                raise UserError(f"--patch_size {side} must be between 1 and {FRAME} (the patch is drawn on "
-                                f"BackdoorBench's {FRAME}-pixel frame, then resized to the image size)")
             frame = np.zeros((3, FRAME, FRAME), dtype=np.uint8)
             frame[:, FRAME - side:, FRAME - side:] = 255
             patch = _to_size(frame, size)

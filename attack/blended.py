@@ -95,9 +95,13 @@ class Blended(Attack):
         parser.add_argument("--attack_test_blended_alpha", type=float, help="blend ratio on backdoor test images")
 
     @classmethod
-    def make_trigger(cls, cfg, spec, dataset=None) -> dict[str, torch.Tensor]:
+    def check_flags(cls, cfg, spec) -> None:
         for key in ("attack_train_blended_alpha", "attack_test_blended_alpha"):
             check_range(key, getattr(cfg, key), 0.0, 1.0)
+
+    @classmethod
+    def make_trigger(cls, cfg, spec, dataset=None) -> dict[str, torch.Tensor]:
+        cls.check_flags(cfg, spec)
         path = getattr(cfg, "attack_trigger_img_path", None)
         key = read_key_image(path, spec.image_size) if path else noise_key(spec.image_size)
         return {"trigger": torch.from_numpy(key),

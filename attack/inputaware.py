@@ -351,7 +351,7 @@ class InputAware(Attack):
         parser.add_argument("--random_crop", type=int, help="accepted for BackdoorBench's yaml; unused there too")
 
     @classmethod
-    def _check(cls, cfg, spec) -> None:
+    def check_flags(cls, cfg, spec) -> None:
         def finite(name, low=0.0, strict=False):
             v = getattr(cfg, name)
             ok = isinstance(v, (int, float)) and math.isfinite(v) and (v > low if strict else v >= low)
@@ -376,7 +376,7 @@ class InputAware(Attack):
     def make_trigger(cls, cfg, spec, dataset=None) -> dict[str, torch.Tensor]:
         """Stage 1: the mask generator M trained on the clean training data, then frozen; G freshly
         initialised. Both from the seed."""
-        cls._check(cfg, spec)
+        cls.check_flags(cfg, spec)
         channels = 3
         netM = seeded_generator(cfg.random_seed, "inputaware-M", channels, 1)
         netG = seeded_generator(cfg.random_seed, "inputaware-G", channels, channels)

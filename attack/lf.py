@@ -300,14 +300,19 @@ class LowFrequency(Attack):
                                  "(0.125 = 2 cycles per image on 32x32)")
 
     @classmethod
+    def check_flags(cls, cfg, spec) -> None:
+        if not cfg.lowFrequencyPatternPath:
+            _check_generator_flags(cfg, spec)
+
+    @classmethod
     def make_trigger(cls, cfg, spec, dataset=None) -> dict[str, torch.Tensor]:
+        cls.check_flags(cfg, spec)
         if cfg.lowFrequencyPatternPath:
             path = resolve_pattern_path(cfg.lowFrequencyPatternPath, spec.name, cfg.model)
             arr = read_pattern_file(path, spec.image_size)
             run_logger().info("low-frequency trigger from %s: %s %s, values %g..%g", path,
                               "x".join(map(str, arr.shape)), arr.dtype, float(arr.min()), float(arr.max()))
             return {"pattern": pattern_tensor(arr)}
-        _check_generator_flags(cfg, spec)
         if dataset is None:
             raise UserError("generating the low-frequency trigger needs the clean training data")
         return {"pattern": pattern_tensor(cls.generated_pattern(cfg, spec, dataset))}

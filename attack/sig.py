@@ -77,12 +77,16 @@ class SIG(Attack):
         parser.add_argument("--sig_f", type=float, help="frequency: periods of the sinusoid across the image width")
 
     @classmethod
-    def make_trigger(cls, cfg, spec, dataset=None) -> dict[str, torch.Tensor]:
+    def check_flags(cls, cfg, spec) -> None:
         _check_all2one(cfg)
         if not cfg.sig_delta > 0:
             raise UserError(f"--sig_delta {cfg.sig_delta} must be positive (BackdoorBench's default is 40)")
         if not cfg.sig_f > 0:
             raise UserError(f"--sig_f {cfg.sig_f} must be positive (BackdoorBench's default is 6)")
+
+    @classmethod
+    def make_trigger(cls, cfg, spec, dataset=None) -> dict[str, torch.Tensor]:
+        cls.check_flags(cfg, spec)
         return {"signal": sig_signal(spec.image_size, cfg.sig_delta, cfg.sig_f)}
 
     @classmethod

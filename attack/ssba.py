@@ -141,6 +141,9 @@ def secret_bits(secret: str, length: int = FINGERPRINT_BITS) -> torch.Tensor:
         data = bytearray(secret.encode("ascii"))
     except UnicodeEncodeError:
         raise UserError(f"--ssba_secret {secret!r} must be ASCII text (at most {SECRET_BYTES} characters)") from None
+    if not data.strip(b" "):
+        raise UserError(f"--ssba_secret {secret!r} is empty (the secret is padded with spaces); give 1 to "
+                        f"{SECRET_BYTES} ASCII characters")
     if len(data) > SECRET_BYTES:
         raise UserError(f"--ssba_secret {secret!r} has {len(data)} characters; BCH(137, 5) with a 100-bit "
                         f"fingerprint carries at most {SECRET_BYTES}")
@@ -464,7 +467,14 @@ class SSBA(Attack):
                             "default false: it outputs the encoded image)")
 
     @classmethod
+    def check_flags(cls, cfg, spec) -> None:
+        if not (cfg.attack_train_replace_imgs_path or cfg.attack_test_replace_imgs_path):
+            _check_flags(cfg)
+            secret_bits(cfg.ssba_secret)  # refuses a secret the fingerprint cannot carry
+
+    @classmethod
     def make_trigger(cls, cfg, spec, dataset=None) -> dict[str, torch.Tensor]:
+        cls.check_flags(cfg, spec)
         if dataset is None:
             raise UserError("SSBA needs the clean data to make its poisoned images")
         train_path, test_path = cfg.attack_train_replace_imgs_path, cfg.attack_test_replace_imgs_path
@@ -496,7 +506,6 @@ class SSBA(Attack):
 
     @classmethod
     def encoder_artifacts(cls, cfg, spec, dataset) -> dict[str, torch.Tensor]:
-        _check_flags(cfg)
         bits = secret_bits(cfg.ssba_secret)
         encoder, decoder = cls.trained_networks(cfg, spec, dataset)
         artifacts = {f"encoder.{k}": v.detach().cpu().float() for k, v in encoder.state_dict().items()}

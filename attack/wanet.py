@@ -245,9 +245,10 @@ class WaNet(Attack):
                             "in degrees (applied with probability 0.5)")
 
     @classmethod
-    def _check(cls, cfg, spec) -> None:
+    def check_flags(cls, cfg, spec) -> None:
         checks = [
-            (cfg.k >= 1, f"--k {cfg.k} must be at least 1"),
+            (1 <= cfg.k <= spec.image_size, f"--k {cfg.k} must be between 1 and the image size {spec.image_size} "
+                                            f"(the control grid's side; BackdoorBench's default is 4)"),
             (math.isfinite(cfg.s) and cfg.s >= 0, f"--s {cfg.s} must be a finite number >= 0"),
             (math.isfinite(cfg.grid_rescale) and cfg.grid_rescale > 0,
              f"--grid_rescale {cfg.grid_rescale} must be a finite number > 0"),
@@ -267,7 +268,7 @@ class WaNet(Attack):
 
     @classmethod
     def make_trigger(cls, cfg, spec, dataset=None) -> dict[str, torch.Tensor]:
-        cls._check(cfg, spec)
+        cls.check_flags(cfg, spec)
         noise = random_field(cfg.k, stream_generator(cfg.random_seed, "wanet-field"))
         grid = warp_grid(noise, cfg.s, cfg.grid_rescale, spec.image_size)
         return {"grid": grid.contiguous(), "noise": noise,

@@ -1,5 +1,6 @@
 """End-to-end runs of the scripts (in-process on the shared tiny record; two real subprocess runs),
 the threat model, and bad input."""
+import importlib
 import json
 import subprocess
 import sys
@@ -116,6 +117,25 @@ def test_attack_bad_input(capsys, tiny_data, tmp_path, extra, pattern):
     argv = ["--save_folder_name", "bad", *run_args(tiny_data, tmp_path), *TINY, *extra]
     expect_error(capsys, badnet.main, argv, pattern)
     assert not (tmp_path / "bad").exists()  # nothing written
+
+
+@pytest.mark.parametrize("name,extra,pattern", [
+    ("badnet", ["--patch_size", "40"], "--patch_size 40 must be between 1 and 32"),
+    ("blended", ["--attack_test_blended_alpha", "1.5"], "--attack_test_blended_alpha 1.5 is outside"),
+    ("sig", ["--sig_delta", "0"], "--sig_delta 0.0 must be positive"),
+    ("wanet", ["--k", "99"], "--k 99 must be between 1 and the image size 32"),
+    ("inputaware", ["--pratio", "0.5"], "Input-aware needs pratio < 0.5"),
+    ("lf", ["--lf_cutoff", "2"], "--lf_cutoff 2.0 is outside (0, 1]"),
+    ("ssba", ["--ssba_secret", ""], "--ssba_secret '' is empty"),
+    ("ssba", ["--ssba_encoder_epochs", "0"], "--ssba_encoder_epochs 0 must be at least 1"),
+])
+def test_attack_flags_are_checked_before_the_dataset(capsys, tmp_path, name, extra, pattern):
+    """A bad value of an attack's own flag is named before any data is read: here the dataset does not
+    exist, so a check that came after loading it would say so instead."""
+    main = importlib.import_module(f"attack.{name}").main
+    expect_error(capsys, main, ["--save_folder_name", "bad", "--dataset_path", str(tmp_path / "none.zip"),
+                                "--record_dir", str(tmp_path), *extra], pattern)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_attack_missing_dataset_and_bad_yaml(capsys, tmp_path):

@@ -282,7 +282,7 @@ def test_defaults_are_backdoorbenchs():
 def test_bad_input_writes_nothing(capsys, tiny_data, tmp_path):
     base = ["--save_folder_name", "bad", "--dataset_path", str(tiny_data["pickles"]), "--record_dir", str(tmp_path),
             "--model", "preactresnet18_w8", "--epochs", "1"]
-    expect_error(capsys, main, [*base, "--k", "0"], "--k 0 must be at least 1")
+    expect_error(capsys, main, [*base, "--k", "0"], "--k 0 must be between 1 and the image size 32")
     expect_error(capsys, main, [*base, "--pratio", "0.5"], "pratio * (1 + cross_ratio) must be at most 1")
     expect_error(capsys, main, [*base, "--random_crop", "-1"], "--random_crop -1")
     expect_error(capsys, main, [*base, "--grid_rescale", "0"], "--grid_rescale 0.0")

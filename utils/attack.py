@@ -127,6 +127,11 @@ class Attack:
         return cfg.epochs
 
     @classmethod
+    def check_flags(cls, cfg: Config, spec: DatasetSpec) -> None:
+        """Refuse a bad value of the attack's own flags in one line: run before the dataset is decoded
+        (and by ``make_trigger``, for callers outside the runner)."""
+
+    @classmethod
     def make_trigger(cls, cfg: Config, spec: DatasetSpec, dataset: Dataset | None = None) -> dict[str, torch.Tensor]:
         """The trigger artifacts; ``dataset`` is the clean data, for attacks whose trigger is learned."""
         raise NotImplementedError
@@ -264,6 +269,7 @@ def run_attack(attack: type[Attack], argv=None) -> Path:
     cfg.attack = attack.name
     spec = get_spec(cfg.dataset)
     _validate(cfg, spec)
+    attack.check_flags(cfg, spec)
     if cfg.pretrained_path is None:
         with torch.device("meta"):  # an unknown model or a pretrained start without its file: before any write
             new_model(cfg, spec)
