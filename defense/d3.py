@@ -129,6 +129,9 @@ def check_settings(cfg, model) -> None:
         cfg.select_layer_name = model_layers(cfg.model, model).d3_layers
     if cfg.lmd < 0 or cfg.eps < 0:
         raise UserError("--lmd and --eps must be non-negative")
+    if cfg.Lp < 1:
+        raise UserError(f"--Lp {cfg.Lp} gives no norm (the distance and the constraint need p >= 1); 2 is the "
+                        f"paper's Frobenius norm")
     if cfg.warm_up_method not in WARM_UP_METHODS + ("random",):
         raise UserError(f"--warm_up_method {cfg.warm_up_method!r}; choose one of: {', '.join(WARM_UP_METHODS)}")
     select_layers(model, cfg.select_layer_name)

@@ -117,8 +117,9 @@ class StageOutputs:
 def attention_layers(cfg, model) -> list[str]:
     """The ``--nad_layers`` names, checked against the model."""
     require(cfg, "te_epochs")
-    if cfg.te_epochs < 0:
-        raise UserError(f"--te_epochs {cfg.te_epochs} must be 0 (keep the attacked model as teacher) or more")
+    if cfg.te_epochs < 1 and not cfg.teacher_model_loc:
+        raise UserError(f"--te_epochs {cfg.te_epochs} fine-tunes no teacher, so NAD would distil the attacked model "
+                        f"into itself; give at least 1, or a teacher with --teacher_model_loc")
     if cfg.nad_layers is None:  # the model's last two feature stages (models/registry.py: ModelLayers)
         cfg.nad_layers = ",".join(model_layers(cfg.model, model).stages) or None
         if cfg.nad_layers is None:

@@ -160,6 +160,10 @@ def test_defense_bad_input(capsys, tiny_data, tiny_record, tmp_path):
     expect_error(capsys, d3.main, ["--result_file", "nope", *base], "no finished attack record")
     expect_error(capsys, d3.main, ["--result_file", "badnet", "--ratio", "0", *base], "--ratio 0.0 is outside")
     expect_error(capsys, ft.main, ["--result_file", "badnet", "--wd", "nan", *base], "--wd nan is not a finite")
+    expect_error(capsys, d3.main, ["--result_file", "badnet", "--Lp", "0", *base], "--Lp 0.0 gives no norm")
+    nad = importlib.import_module("defense.nad")
+    expect_error(capsys, nad.main, ["--result_file", "badnet", "--te_epochs", "0", *base], "fine-tunes no teacher")
+    assert not (rec / "defense" / "nad").exists()
     expect_error(capsys, d3.main, ["--result_file", "badnet", "--select_layer_name", "fc", *base], "not a module")
     expect_error(capsys, d3.main, ["--result_file", "badnet", *base, "--dataset_path", str(tiny_data["zip"])],
                  "is not the data the attack used")
