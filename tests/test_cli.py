@@ -170,6 +170,14 @@ def test_defense_bad_input(capsys, tiny_data, tiny_record, tmp_path):
     (tmp_path / "idx.txt").write_text("1\n2\n999\n")
     expect_error(capsys, d3.main, ["--result_file", "badnet", "--index", str(tmp_path / "idx.txt"), *base],
                  "distinct indices in 0..199")
+    expect_error(capsys, d3.main, ["--result_file", "badnet", "--index", str(tmp_path), *base], "is a folder")
+    (tmp_path / "empty.txt").write_text("\n")
+    expect_error(capsys, d3.main, ["--result_file", "badnet", "--index", str(tmp_path / "empty.txt"), *base],
+                 "is empty")
+    pdb = importlib.import_module("defense.pdb")
+    expect_error(capsys, pdb.main, ["--result_file", "badnet", "--index", str(tmp_path / "idx.txt"), *base],
+                 "holds no reserve of clean data; leave --index out")
+    assert not (rec / "defense" / "pdb").exists()
     assert not (rec / "defense" / "d3").exists()
     # weights of another model, consistently re-hashed (an edited record): named by the strict loader
     save_tensors(rec / "model.safetensors", create_model("preactresnet18_w16", 10).state_dict())

@@ -113,22 +113,33 @@ class DefenderData:
 Purify = Callable[[torch.nn.Module, DefenderData, Config, Callable[[int, dict], None]], torch.nn.Module]
 
 
-def reserved_indices(labels: torch.Tensor, cfg: Config, num_classes: int, per_class: bool = False) -> torch.Tensor:
-    """The defender's clean subset: ``--index`` (a file of indices, one per line) or ``--ratio`` of
-    the training set, drawn uniformly or, ``per_class``, in equal numbers from every class
-    (BackdoorBench's ``choose_by_class``: ratio * N / K images per class)."""
+def read_index_file(index_file: str) -> torch.Tensor:
+    """The integers of an ``--index`` file (one per line), read before any slow work."""
+    try:
+        values = [int(v) for v in Path(index_file).read_text().split()]
+    except FileNotFoundError:
+        raise UserError(f"--index file {index_file} not found") from None
+    except IsADirectoryError:
+        raise UserError(f"--index {index_file} is a folder; give a file of training-set indices, one per line") \
+            from None
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"--index file {index_file} must hold integers, one per line") from None
+    except OSError as e:
+        raise UserError(f"cannot read --index file {index_file} ({e.strerror or e})") from None
+    if not values:
+        raise UserError(f"--index file {index_file} is empty; list the training-set indices the defender holds")
+    return torch.tensor(values, dtype=torch.long)
+
+
+def reserved_indices(labels: torch.Tensor, cfg: Config, num_classes: int, per_class: bool = False,
+                     index: torch.Tensor | None = None) -> torch.Tensor:
+    """The defender's clean subset: ``index`` (from an ``--index`` file) or ``--ratio`` of the training
+    set, drawn uniformly or, ``per_class``, in equal numbers from every class (BackdoorBench's
+    ``choose_by_class``: ratio * N / K images per class)."""
     num_train = len(labels)
-    index_file = cfg.index
-    if index_file:
-        try:
-            values = [int(v) for v in Path(index_file).read_text().split()]
-        except FileNotFoundError:
-            raise UserError(f"--index file {index_file} not found") from None
-        except ValueError:
-            raise UserError(f"--index file {index_file} must hold integers, one per line") from None
-        index = torch.tensor(values, dtype=torch.long)
-        if len(index) == 0 or index.min() < 0 or index.max() >= num_train or len(index.unique()) != len(index):
-            raise UserError(f"--index file {index_file} must list distinct indices in 0..{num_train - 1}")
+    if index is not None:
+        if index.min() < 0 or index.max() >= num_train or len(index.unique()) != len(index):
+            raise UserError(f"--index file {cfg.index} must list distinct indices in 0..{num_train - 1}")
         return index
     check_range("ratio", cfg.ratio, 0.0, 1.0)
     count = max(1, round(cfg.ratio * num_train))
@@ -251,7 +262,13 @@ def run_defense(name: str, purify: Purify, add_arguments: Callable | None = None
     cfg = resolve_config(parser, layers, argv)
     require(cfg, "ratio", "random_seed")  # no "epochs": a defense may count its work otherwise (ANP: batches)
     check_training(cfg)
-    if not cfg.index:
+    index = None
+    if cfg.index and holds != "reserve":
+        raise UserError(f"--index: {name} trains a new model on the poisoned training set as given and holds no "
+                        f"reserve of clean data; leave --index out")
+    if cfg.index:
+        index = read_index_file(cfg.index)
+    else:
         check_range("ratio", cfg.ratio, 0.0, 1.0)
     cfg.defense = name
     setup_logging()
@@ -280,7 +297,7 @@ def run_defense(name: str, purify: Purify, add_arguments: Callable | None = None
             validate(cfg, model)
         bd_test = rebuild_backdoor_test(meta, record.dir, dataset, cfg.cache_dir)
         if holds == "reserve":
-            reserved = reserved_indices(dataset.train.labels, cfg, dataset.spec.num_classes, reserve_per_class)
+            reserved = reserved_indices(dataset.train.labels, cfg, dataset.spec.num_classes, reserve_per_class, index)
             held = dataset.train.subset(reserved)
         else:
             reserved, held = None, poisoned_train_set(record, dataset)
