@@ -161,6 +161,11 @@ def test_defense_bad_input(capsys, tiny_data, tiny_record, tmp_path):
     expect_error(capsys, d3.main, ["--result_file", "badnet", "--ratio", "0", *base], "--ratio 0.0 is outside")
     expect_error(capsys, ft.main, ["--result_file", "badnet", "--wd", "nan", *base], "--wd nan is not a finite")
     expect_error(capsys, d3.main, ["--result_file", "badnet", "--Lp", "0", *base], "--Lp 0.0 gives no norm")
+    # a loss that overflows stops the run at that epoch with one line; no finished output (FT: one batch an
+    # epoch here, so the second epoch's loss is the first to see the exploded weights)
+    expect_error(capsys, ft.main, ["--result_file", "badnet", *base, "--lr", "1e30", "--epochs", "2"],
+                 "the training loss became nan in epoch 2/2")
+    assert not (rec / "defense" / "ft" / "record.json").exists()
     nad = importlib.import_module("defense.nad")
     expect_error(capsys, nad.main, ["--result_file", "badnet", "--te_epochs", "0", *base], "fine-tunes no teacher")
     assert not (rec / "defense" / "nad").exists()

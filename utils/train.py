@@ -16,6 +16,7 @@ state, so a resumed run continues with exactly the numbers an uninterrupted one 
 """
 from __future__ import annotations
 
+import math
 import time
 from copy import deepcopy
 from typing import Callable
@@ -161,6 +162,10 @@ def fit(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer, schedu
         seconds = time.perf_counter() - start
         stats = {k: (v / max(seen, 1)).item() for k, v in sums.items()}
         stats.update(lr=lr, train_seconds=seconds, train_images_per_s=seen / max(seconds, 1e-9))
+        if not math.isfinite(stats.get("train_loss", 0.0)):  # before anything is saved or reported as done
+            raise UserError(f"{desc}: the training loss became {stats['train_loss']} in epoch {epoch + 1}/{epochs}, "
+                            f"so the weights are no longer numbers; the likely cause is a learning rate too high "
+                            f"for this model and data (--lr {lr:g}). Nothing of this epoch was kept")
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(stats.get("train_loss", 0.0))
         elif not scheduler_per_batch:
