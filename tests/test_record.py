@@ -59,3 +59,50 @@ def test_corrupted_safetensors_is_a_clear_error(tmp_path):
         load_tensors(tmp_path / "m.safetensors")
     with pytest.raises(UserError, match="missing file"):
         load_tensors(tmp_path / "absent.safetensors")
+
+
+# Damage to record.json, the record's root of trust, each a change a defense must refuse in one line
+# (exit 2, nothing written) rather than die with a traceback or defend a damaged record.
+def _drop(key):
+    return lambda meta: meta.pop(key)
+
+
+def _set(*path_and_value):
+    *path, value = path_and_value
+
+    def change(meta):
+        target = meta
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+    return change
+
+
+RECORD_DAMAGE = [
+    ("no dataset", _drop("dataset"), "'dataset' is missing"),
+    ("dataset a string", _set("dataset", "cifar10"), "'dataset' is str, not dict"),
+    ("files a list", _set("files", ["model.safetensors"]), "'files' is list, not dict"),
+    ("files emptied", _set("files", {}), "it lists no config.yaml"),
+    ("target a string", _set("attack_target", "0"), "'attack_target' is str, not int"),
+    ("attack __init__", _set("attack", "__init__"), "names attack '__init__', which this toolkit does not have"),
+    ("attack a path", _set("attack", "../badnet"), "names attack '../badnet'"),
+    ("model changed", _set("model", "preactresnet18_w16"), "where config.yaml's model is 'preactresnet18_w8'"),
+    ("num_classes changed", _set("dataset", "num_classes", 43), "where cifar10's number of classes is 10"),
+    ("num_classes a string", _set("dataset", "num_classes", "10"), "the dataset's 'num_classes' is not int"),
+    ("a file outside", _set("files", "../x", "0" * 64), "plain file names"),
+]
+
+
+@pytest.mark.parametrize("what,damage,message", RECORD_DAMAGE, ids=[d[0] for d in RECORD_DAMAGE])
+def test_damaged_record_json_is_refused_in_one_line(capsys, tiny_data, tiny_record, tmp_path, what, damage, message):
+    import json
+
+    import defense.d3 as d3
+    from conftest import copy_record, expect_error, run_args
+    rec = copy_record(tiny_record, tmp_path)
+    meta = json.loads((rec / "record.json").read_text())
+    damage(meta)
+    (rec / "record.json").write_text(json.dumps(meta))
+    expect_error(capsys, d3.main, ["--result_file", "badnet", *run_args(tiny_data, tmp_path), "--epochs", "1"],
+                 message)
+    assert not (rec / "defense").exists()

@@ -47,6 +47,7 @@ scheduler, accumulated gradients) goes into the checkpoint through ``fit``'s ``e
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -61,8 +62,8 @@ from utils.data import (BatchLoader, Dataset, DatasetSpec, ImageSet, Normalizer,
                         load_dataset, tensor_fingerprint)
 from utils.errors import UserError
 from utils.evaluate import Evaluator
-from utils.record import (load_tensors, read_json, read_manifest, read_yaml, save_tensors, sha256_file,
-                          write_json, write_manifest, write_yaml)
+from utils.record import (REQUIRED_FILES, load_tensors, read_json, read_manifest, read_yaml, save_tensors,
+                          sha256_file, write_json, write_manifest, write_yaml)
 from utils.runner import (CHECKPOINT, Checkpoint, EpochReporter, announce_plan, check_writable, claim_output,
                           describe_unfinished, is_finished, log_config, log_to_file, place_model, plan_output,
                           run_logger, setup_logging, writing_output)
@@ -186,12 +187,14 @@ def register_attack(cls: type[Attack]) -> type[Attack]:
 
 
 def get_attack(name: str) -> type[Attack]:
-    """The attack class for a name stored in a record (imports ``attack/<name>.py``)."""
-    if name not in _ATTACKS:
+    """The attack class for a name stored in a record (imports ``attack/<name>.py``, a plain name only)."""
+    if name not in _ATTACKS and re.fullmatch(r"[a-z][a-z0-9_]*", str(name)):
         try:
             importlib.import_module(f"attack.{name}")
         except ModuleNotFoundError:
-            raise UserError(f"the record names attack {name!r}, which this toolkit does not have") from None
+            pass
+    if name not in _ATTACKS:
+        raise UserError(f"the record names attack {name!r}, which this toolkit does not have")
     return _ATTACKS[name]
 
 
@@ -436,8 +439,7 @@ class _LearnedBackdoor:
 
 
 # The files of an attack record whose SHA-256 record.json holds (logs and plots are for people).
-ATTACK_FILES = ["config.yaml", "trigger.safetensors", "indices.safetensors", "model.safetensors", "metrics.csv",
-                "summary.json"]
+ATTACK_FILES = list(REQUIRED_FILES["attack"])
 
 
 def backdoor_test_fingerprint(bd: BackdoorTestSet) -> str:
@@ -469,6 +471,17 @@ def load_attack_record(record_dir: Path) -> AttackRecord:
     config = read_yaml(record_dir / "config.yaml")
     if not isinstance(config, dict):
         raise UserError(f"{record_dir / 'config.yaml'} does not hold a mapping of settings; the record is damaged")
+    get_attack(meta["attack"])  # a name this toolkit has, refused before anything is written
+    data = meta["dataset"]
+    spec = get_spec(data["name"])
+    agree = [("config.yaml's model", config.get("model"), meta["model"]),
+             ("config.yaml's dataset", config.get("dataset"), data["name"]),
+             (f"{spec.name}'s number of classes", spec.num_classes, data["num_classes"]),
+             (f"{spec.name}'s image size", spec.image_size, data["image_size"])]
+    for what, expected, named in agree:
+        if expected != named:
+            raise UserError(f"{record_dir / 'record.json'} names {named!r} where {what} is {expected!r}; the record "
+                            f"is damaged or was edited: rerun the attack that wrote it")
     return AttackRecord(record_dir, meta, read_json(record_dir / "summary.json"), config,
                         sha256_file(record_dir / "record.json"))
 

@@ -38,6 +38,22 @@ from utils.errors import UserError
 FORMAT_VERSION = 2
 SUPPORTED_FORMAT_VERSIONS = (2,)
 
+# record.json's shape, checked on every read (:func:`check_schema`): each key of a kind and the type of
+# its value, the dataset's keys, and the files a finished record of the kind must list.
+RECORD_SCHEMA = {
+    "attack": {"attack": str, "model": str, "dataset": dict, "attack_label_trans": str, "attack_target": int,
+               "poisoned_train_fingerprint": str, "backdoor_test_fingerprint": str, "files": dict},
+    "defense": {"defense": str, "model": str, "attack_record": str, "attack_record_sha256": str, "dataset": dict,
+                "files": dict},
+}
+DATASET_SCHEMA = {"name": str, "fingerprint": str, "num_classes": int, "image_size": int, "train_size": int,
+                  "test_size": int}
+REQUIRED_FILES = {
+    "attack": ("config.yaml", "trigger.safetensors", "indices.safetensors", "model.safetensors", "metrics.csv",
+               "summary.json"),
+    "defense": ("config.yaml", "model.safetensors", "metrics.csv", "summary.json"),
+}
+
 
 def _atomic(path: Path, write) -> None:
     path = Path(path)
@@ -179,6 +195,7 @@ def read_manifest(folder: Path, kind: str, verify: bool = True) -> dict:
     if not isinstance(meta, dict):
         raise UserError(f"{path} is not a record manifest; the record is damaged")
     check_format(meta, path, kind)
+    check_schema(meta, path, kind)
     if verify:
         for name, digest in meta.get("files", {}).items():
             file = Path(folder) / name
@@ -201,6 +218,30 @@ def check_format(meta: dict, path: Path, kind: str) -> None:
                         f"only; {advice}")
     if meta.get("kind") != kind:
         raise UserError(f"{path} is a {meta.get('kind')!r} record, expected {kind!r}")
+
+
+def _is(value, kind: type) -> bool:
+    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+
+
+def check_schema(meta: dict, path: Path, kind: str) -> None:
+    """Every key :data:`RECORD_SCHEMA` names for ``kind``, of its type; the dataset's keys; the files a
+    finished record of the kind lists, each with a SHA-256 (an emptied list would switch the check off)."""
+    def damaged(what: str):
+        return UserError(f"{path}: {what}; the record is damaged or was edited: rerun the step that wrote it")
+    for key, expected in RECORD_SCHEMA[kind].items():
+        if not _is(meta.get(key), expected):
+            raise damaged(f"{key!r} is {'missing' if key not in meta else type(meta[key]).__name__}, "
+                          f"not {expected.__name__}")
+    for key, expected in DATASET_SCHEMA.items():
+        if not _is(meta["dataset"].get(key), expected):
+            raise damaged(f"the dataset's {key!r} is not {expected.__name__}")
+    files = meta["files"]
+    missing = [name for name in REQUIRED_FILES[kind] if name not in files]
+    if missing:
+        raise damaged(f"it lists no {missing[0]}")
+    if not all(_is(name, str) and "/" not in name and _is(digest, str) for name, digest in files.items()):
+        raise damaged("its file list holds something other than plain file names and their SHA-256")
 
 
 def load_model(folder: Path) -> torch.nn.Module:
