@@ -76,8 +76,8 @@ def _clean_data(n=64):
 
 def _cfg(**kw):
     base = dict(lmd=10.0, eps=0.1, Lp=2.0, select_layer_name="linear,layer4", warm_up_method="uniform",
-                train_mode=True, lr=0.05, sgd_momentum=0.9, wd=0.0, lr_scheduler="CosineAnnealingLR", epochs=2,
-                batch_size=16, random_seed=0, amp=False)
+                train_mode=True, client_optimizer="sgd", lr=0.05, sgd_momentum=0.9, wd=0.0,
+                lr_scheduler="CosineAnnealingLR", epochs=2, batch_size=16, random_seed=0, amp=False)
     base.update(kw)
     return Config(**base)
 

@@ -64,6 +64,8 @@ class Preset:
 
 
 # SSBA's encoder on a CPU: the documented reduced setting (attack/ssba.py), not 20 epochs of 50,000 images.
+# Its 942 steps end before the bits pass the image loss's gate (first passed at step 1,042 on CIFAR-10), so
+# its poisoned images are not held close to the clean ones (PSNR 8.5 dB): a longer setting is to be measured.
 SSBA_CPU = {"ssba_encoder_epochs": 6, "ssba_encoder_subset": 10000, "ssba_l2_loss_await": 300,
             "ssba_l2_loss_ramp": 300}
 
