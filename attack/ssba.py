@@ -472,7 +472,7 @@ class SSBA(Attack):
     @classmethod
     def check_flags(cls, cfg, spec) -> None:
         if not (cfg.attack_train_replace_imgs_path or cfg.attack_test_replace_imgs_path):
-            _check_flags(cfg)
+            _check_encoder_flags(cfg)
             secret_bits(cfg.ssba_secret)  # refuses a secret the fingerprint cannot carry
 
     @classmethod
@@ -597,7 +597,7 @@ def _encode_with(images: torch.Tensor, artifacts: dict[str, torch.Tensor]) -> to
     return encode_images(encoder, images.cpu(), artifacts["secret_bits"], dtype=torch.float64).to(images.device)
 
 
-def _check_flags(cfg) -> None:
+def _check_encoder_flags(cfg) -> None:
     for k in ("ssba_encoder_epochs", "ssba_encoder_batch_size"):
         if getattr(cfg, k) < 1:
             raise UserError(f"--{k} {getattr(cfg, k)} must be at least 1")

@@ -348,9 +348,9 @@ def _train(attack, cfg, spec, dataset, device, work: Path, checkpoint: Checkpoin
     # BackdoorBench drops the last partial batch when it trains a data-poisoning attack or the prototype
     # (its BadNet stage 2 and trainer: drop_last=True); WaNet's and Input-aware's own loaders keep it.
     # A set smaller than one batch keeps its one partial batch rather than train on nothing.
-    data_poisoning = batch_hook is None and not attack.learns_trigger and len(poisoned) >= cfg.batch_size
+    drop_last = batch_hook is None and not attack.learns_trigger and len(poisoned) >= cfg.batch_size
     loader = BatchLoader(poisoned, cfg.batch_size, normalizer, device=device, shuffle=True,
-                         crop_padding=cfg.random_crop_padding, hflip=cfg.random_hflip, drop_last=data_poisoning,
+                         crop_padding=cfg.random_crop_padding, hflip=cfg.random_hflip, drop_last=drop_last,
                          seed=cfg.random_seed, batch_hook=batch_hook)
     evaluator = Evaluator(dataset.test, bd_test, normalizer, device=device, amp=cfg.amp,
                           batch_size=cfg.eval_batch_size)

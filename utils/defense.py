@@ -263,10 +263,10 @@ def run_defense(name: str, purify: Purify, add_arguments: Callable | None = None
     require(cfg, "ratio", "random_seed")  # no "epochs": a defense may count its work otherwise (ANP: batches)
     check_training(cfg)
     index = None
-    if cfg.index and holds != "reserve":
-        raise UserError(f"--index: {name} trains a new model on the poisoned training set as given and holds no "
-                        f"reserve of clean data; leave --index out")
     if cfg.index:
+        if holds != "reserve":
+            raise UserError(f"--index: {name} trains a new model on the poisoned training set as given and holds "
+                            f"no reserve of clean data; leave --index out")
         index = read_index_file(cfg.index)
     else:
         check_range("ratio", cfg.ratio, 0.0, 1.0)
