@@ -62,18 +62,13 @@ from utils.data import (BatchLoader, Dataset, DatasetSpec, ImageSet, Normalizer,
                         load_dataset, tensor_fingerprint)
 from utils.errors import UserError
 from utils.evaluate import Evaluator
+from utils.flags import LOCAL_KEYS, RESUMABLE_KEYS
 from utils.record import (REQUIRED_FILES, load_tensors, read_json, read_manifest, read_yaml, save_tensors,
                           sha256_file, write_json, write_manifest, write_yaml)
 from utils.runner import (CHECKPOINT, Checkpoint, EpochReporter, announce_plan, check_writable, claim_output,
                           describe_unfinished, is_finished, log_config, log_to_file, place_model, plan_output,
                           run_logger, setup_logging, writing_output)
 from utils.train import build_optimizer, build_scheduler, cross_entropy_loss, fit
-
-# Machine-local settings: logged, but kept out of records so that a record is portable.
-LOCAL_KEYS = ("dataset_path", "cache_dir", "record_dir", "yaml_path", "bd_yaml_path", "index", "overwrite",
-              "resume", "pretrained_path")
-# Settings that may change when a run is resumed without changing its result.
-RESUMABLE_KEYS = LOCAL_KEYS + ("device", "num_workers", "eval_batch_size", "eval_every", "amp")
 
 _ATTACKS: dict[str, type["Attack"]] = {}
 

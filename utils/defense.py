@@ -33,23 +33,22 @@ from typing import Callable
 import torch
 
 from models import create_model
-from utils.attack import (RESUMABLE_KEYS, AttackRecord, load_attack_record, load_train_set, new_model,
+from utils.attack import (AttackRecord, load_attack_record, load_train_set, new_model,
                           poisoned_train_set, portable, rebuild_backdoor_test)
 from utils.config import (CONFIG_DIR, Config, add_common_arguments, check_range, check_training, new_parser,
                           require, resolve_config, resolve_device, seed_everything, str2bool)
 from utils.backdoor import balanced_subset, random_subset
 from utils.data import BatchLoader, DatasetSpec, ImageSet, Normalizer, load_dataset
 from utils.errors import UserError
+from utils.flags import INHERITED_KEYS, RESUMABLE_KEYS
 from utils.evaluate import Evaluator, predict
 from utils.metrics import der
+from utils.plots import save_plot
 from utils.record import load_into, load_tensors, save_tensors, write_json, write_manifest, write_yaml
 from utils.runner import (CHECKPOINT, Checkpoint, EpochReporter, announce_plan, check_writable, log_config,
-                          claim_output, log_to_file, place_model, plan_output, save_plot, setup_logging,
+                          claim_output, log_to_file, place_model, plan_output, setup_logging,
                           write_csv, writing_output)
 from utils.train import EpochHook
-
-# Settings a defense takes from the attack record (below its own config and flags): the data and model.
-INHERITED_KEYS = ("dataset", "model", "random_crop_padding", "random_hflip")
 
 
 @dataclass

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.errors import UserError
+from utils.flags import NOT_SETTINGS, TABLE_KEYS
 from utils.record import read_yaml, sha256_file, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,16 +120,6 @@ METRICS = ("clean_acc", "asr", "ra", "der")
 # The paper's columns and which way is better (its note under Table 1: highest ACC, lowest ASR, highest DER).
 SHOWN = (("clean_acc", "ACC", max), ("asr", "ASR", min), ("der", "DER", max))
 NONE = "none"  # the attacked model's column and the CSV's defense value for it
-# What does not change what a record measures (files, devices, logging) or tells seeds apart; the rest
-# of an attack's config.yaml is its setting, and only records of one setting are averaged.
-_NOT_SETTINGS = {"random_seed", "save_folder_name", "record_dir", "dataset_path", "cache_dir", "device", "amp",
-                 "num_workers", "eval_every", "eval_batch_size", "overwrite", "resume", "yaml_path", "index",
-                 "attack", "model", "dataset"}
-# Attack settings every attack shares: like the training protocol, they tell tables apart (the paper's
-# tables are each at one poisoning ratio); an attack's other own settings tell rows apart.
-_TABLE_KEYS = {"pratio", "attack_target", "attack_label_trans"}
-
-
 @dataclass
 class Cell:
     """One (attack, defense) of a table: its figures in percent, one per record (seed)."""
@@ -253,14 +244,14 @@ def build_tables(rows: list[Result]) -> list[Table]:
     # their own (WaNet's and Input-aware's lr_scheduler, as in BackdoorBench): such a key is a row
     # setting for every attack in the collection, so that BadNets (cosine) and WaNet (MultiStepLR)
     # share the one table of their (dataset, model), as in the paper's Table 1.
-    own = set().union(*(_attack_keys(a) for a in {r.attack for r in rows})) - _TABLE_KEYS  # one read per attack
+    own = set().union(*(_attack_keys(a) for a in {r.attack for r in rows})) - TABLE_KEYS  # one read per attack
     groups: dict[tuple, dict] = {}
     for runs in records.values():
         if NONE not in runs:
             continue
         attack = runs[NONE]
         # A setting left at None is the same as one an older record does not list.
-        setting = {k: v for k, v in attack.settings.items() if k not in _NOT_SETTINGS and v is not None}
+        setting = {k: v for k, v in attack.settings.items() if k not in NOT_SETTINGS and v is not None}
         common = {k: v for k, v in setting.items() if k not in own}
         specific = {k: v for k, v in setting.items() if k in own}
         table = groups.setdefault((attack.dataset, attack.model, _key(common)), {"common": common, "rows": {}})

@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from utils.errors import UserError
+from utils.plots import plot_curves
 from utils.record import safe_torch_load, torch_save, write_text
 from utils.train import EpochHook, rng_state, set_rng_state
 
@@ -407,59 +408,6 @@ def place_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
                 module.to(memory_format=torch.contiguous_format)
             module.register_forward_pre_hook(_nchw_on_cpu)
     return model
-
-
-def plot_curves(rows: list[dict], out_dir: Path, prefix: str) -> None:
-    """``<prefix>_acc_like_metric_plots.png`` and ``<prefix>_loss_metric_plots.png`` (BackdoorBench names)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    evaluated = [r for r in rows if r.get("clean_acc") is not None]
-    panels = [
-        ("acc_like_metric_plots", "fraction", [("train_acc", rows), ("clean_acc", evaluated), ("asr", evaluated),
-                                               ("ra", evaluated)]),
-        ("loss_metric_plots", "loss", [("train_loss", rows), ("clean_test_loss", evaluated),
-                                       ("bd_test_loss", evaluated), ("ra_test_loss", evaluated),
-                                       ("distance", rows)]),
-    ]
-    for name, ylabel, series in panels:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for key, source in series:
-            pts = [(r["epoch"], r[key]) for r in source if r.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None, label=key)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend()
-        tmp = out_dir / f".{prefix}_{name}.tmp.png"
-        fig.tight_layout()
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        tmp.replace(out_dir / f"{prefix}_{name}.png")
-
-
-def save_plot(path: Path, x: list, series: dict[str, list], *, xlabel: str, ylabel: str) -> None:
-    """One PNG of several curves over the same x, written atomically."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, ys in series.items():
-        ax.plot(x, ys, marker="o" if len(x) < 30 else None, label=label)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    if series:
-        ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
