@@ -1,1 +1,2 @@
-"""Attacks: one file each, registered with utils.attack.register_attack."""
+"""Attacks: one script each (registered with :func:`attack.base.register_attack`), beside the framework
+they share: the attack API (base.py), the runner (runner.py) and the record reader (record.py)."""

@@ -20,19 +20,14 @@ smaller image is a patch placed in the bottom-right corner unscaled.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import numpy as np
+import torch
+from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from utils.attack import Attack, register_attack, run_attack  # noqa: E402
-from utils.errors import UserError  # noqa: E402
-from utils.runner import cli_main  # noqa: E402
-
+from attack.base import Attack, register_attack
+from attack.runner import run_attack
+from utils.cli import cli_main
+from utils.errors import UserError
 
 FRAME = 32  # BackdoorBench's trigger images are 32x32 frames, resized to the dataset's image size
 

@@ -37,19 +37,15 @@ The record's ``trigger.safetensors`` holds ``trigger`` (the resized key, uint8 [
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import numpy as np
+import torch
+from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from utils.attack import Attack, register_attack, run_attack  # noqa: E402
-from utils.config import check_range  # noqa: E402
-from utils.errors import UserError  # noqa: E402
-from utils.runner import cli_main  # noqa: E402
+from attack.base import Attack, register_attack
+from attack.runner import run_attack
+from utils.cli import cli_main
+from utils.config import check_range
+from utils.errors import UserError
 
 NOISE_SEED = 0  # the default key's generator seed: fixed, not --random_seed
 

@@ -88,22 +88,20 @@ CPU: ``--model preactresnet18_w16 --epochs 18 --lr 0.05 --clean_train_epochs 2 -
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from utils.attack import Attack, TrainableTrigger, register_attack, run_attack  # noqa: E402
-from utils.backdoor import attack_labels, stream_generator  # noqa: E402
-from utils.config import resolve_device, str2bool  # noqa: E402
-from utils.data import BatchLoader, Normalizer  # noqa: E402
-from utils.errors import UserError  # noqa: E402
-from utils.runner import cli_main, run_logger  # noqa: E402
-from utils.train import fit  # noqa: E402
+from attack.base import Attack, TrainableTrigger, register_attack
+from attack.runner import run_attack
+from utils.backdoor import attack_labels, stream_generator
+from utils.cli import cli_main
+from utils.config import resolve_device, str2bool
+from utils.errors import UserError
+from utils.loader import BatchLoader, Normalizer
+from utils.logs import run_logger
+from utils.train import fit
 
 OUT_EPS = 1e-7     # the generators' fixed epsilon in tanh(tanh(z)) / (2 + eps) + 0.5
 # BackdoorBench's generator registers an nn.Tanh as its last child, so its forward runs it in the

@@ -81,25 +81,27 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from models import create_model  # noqa: E402
-from utils.attack import Attack, new_model, register_attack, run_attack  # noqa: E402
-from utils.backdoor import random_subset  # noqa: E402
-from utils.config import resolve_device, seed_everything  # noqa: E402
-from utils.data import BatchLoader, Normalizer, cache_root, tensor_fingerprint  # noqa: E402
-from utils.errors import UserError  # noqa: E402
-from utils.progress import progress  # noqa: E402
-from utils.record import load_into, load_tensors, load_weights, save_tensors, sha256_file, write_json  # noqa: E402
-from utils.runner import cli_main, place_model, run_logger  # noqa: E402
-from utils.train import build_optimizer, build_scheduler, cross_entropy_loss, fit  # noqa: E402
+from attack.base import Attack, register_attack
+from attack.runner import run_attack
+from models import create_model, new_model
+from utils.backdoor import random_subset
+from utils.cli import cli_main
+from utils.config import resolve_device, seed_everything
+from utils.datasets import tensor_fingerprint
+from utils.device import place_model
+from utils.errors import UserError
+from utils.loader import BatchLoader, Normalizer
+from utils.logs import run_logger
+from utils.progress import progress
+from utils.record import load_into, load_tensors, load_weights, save_tensors, sha256_file, write_json
+from utils.sources import cache_root
+from utils.train import build_optimizer, build_scheduler, cross_entropy_loss, fit
 
 PATTERN_RANGE = 51.0  # 0.2 * 255: the paper's normalisation, the range of BackdoorBench's published files
 GENERATOR_VERSION = 1  # part of the cache key: bump when the generator's output changes
@@ -414,7 +416,7 @@ def _trained_clean_model(cfg, spec, dataset, device, root: Path, settings: dict)
     logger.info("lf trigger: training a clean %s for %d epochs on %d clean images (skip this with "
                 "--lf_clean_model_path or --lowFrequencyPatternPath)", cfg.model, cfg.epochs, len(dataset.train))
     seed_everything(cfg.random_seed)
-    model = place_model(new_model(cfg, spec), device)
+    model = place_model(new_model(cfg, spec.num_classes), device)
     optimizer = build_optimizer(model.parameters(), cfg)
     scheduler = build_scheduler(optimizer, cfg, cfg.epochs)
     loader = BatchLoader(dataset.train, cfg.batch_size, Normalizer(spec.mean, spec.std, device), device=device,

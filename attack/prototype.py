@@ -10,15 +10,11 @@ floor an attack's ASR is measured against. ``--pratio`` is ignored.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
-
-from utils.attack import Attack, register_attack, run_attack  # noqa: E402
-from utils.runner import cli_main  # noqa: E402
+from attack.base import Attack, register_attack
+from attack.runner import run_attack
+from utils.cli import cli_main
 
 
 @register_attack

@@ -41,17 +41,14 @@ The record's ``trigger.safetensors`` holds ``signal``, the float32 per-column va
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from utils.attack import Attack, register_attack, run_attack  # noqa: E402
-from utils.backdoor import random_subset  # noqa: E402
-from utils.errors import UserError  # noqa: E402
-from utils.runner import cli_main  # noqa: E402
+from attack.base import Attack, register_attack
+from attack.runner import run_attack
+from utils.backdoor import random_subset
+from utils.cli import cli_main
+from utils.errors import UserError
 
 
 def sig_signal(width: int, delta: float, f: float) -> torch.Tensor:

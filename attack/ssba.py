@@ -19,7 +19,7 @@ Two sources of poisoned images:
    from the clean ones, so the record's ``trigger.safetensors`` carries the needed rows only:
    ``train_images`` / ``train_index`` (the poisoned training indices) and ``test_images`` /
    ``test_index`` (the backdoor test set's indices); the attack is ``indexed_trigger`` and looks
-   them up by index (utils/attack.py). ``psnr`` (clean vs. file images, over those test images) is
+   them up by index (attack/runner.py). ``psnr`` (clean vs. file images, over those test images) is
    recorded too. ``--train_subset`` is refused here: the rows follow the full training set.
 
 2. Otherwise (the default) the project trains its own encoder/decoder, as BackdoorBench's
@@ -97,24 +97,24 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from utils.attack import Attack, register_attack, run_attack  # noqa: E402
-from utils.backdoor import backdoor_test_indices, balanced_subset  # noqa: E402
-from utils.config import resolve_device, str2bool  # noqa: E402
-from utils.data import cache_root, tensor_fingerprint  # noqa: E402
-from utils.errors import UserError  # noqa: E402
-from utils.progress import progress  # noqa: E402
-from utils.record import load_tensors, save_tensors, write_json  # noqa: E402
-from utils.runner import cli_main, run_logger  # noqa: E402
+from attack.base import Attack, register_attack
+from attack.runner import run_attack
+from utils.backdoor import backdoor_test_indices, balanced_subset
+from utils.cli import cli_main
+from utils.config import resolve_device, str2bool
+from utils.datasets import tensor_fingerprint
+from utils.errors import UserError
+from utils.logs import run_logger
+from utils.progress import progress
+from utils.record import load_tensors, save_tensors, write_json
+from utils.sources import cache_root
 
 FINGERPRINT_BITS = 100       # BackdoorBench's --fingerprint_length
 BCH_POLYNOMIAL, BCH_T = 137, 5  # StegaStamp's / BackdoorBench's BCH(137, 5): GF(2^7), 5 correctable bit errors
@@ -135,7 +135,7 @@ def _bch():
         import bchlib
     except ImportError:
         raise UserError("SSBA's secret needs the bchlib package (BCH error correction): pip install bchlib "
-                        "(it is in requirements.txt)") from None
+                        "(the toolkit's ssba extra: pip install -e '.[ssba]')") from None
     return bchlib.BCH(BCH_T, prim_poly=BCH_POLYNOMIAL)
 
 

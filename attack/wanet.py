@@ -52,19 +52,16 @@ Where this differs from BackdoorBench, and why:
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from utils.attack import Attack, register_attack, run_attack  # noqa: E402
-from utils.backdoor import attack_labels, stream_generator  # noqa: E402
-from utils.errors import UserError  # noqa: E402
-from utils.runner import cli_main  # noqa: E402
+from attack.base import Attack, register_attack
+from attack.runner import run_attack
+from utils.backdoor import attack_labels, stream_generator
+from utils.cli import cli_main
+from utils.errors import UserError
 
 CROP_P = 0.8       # BackdoorBench's ProbTransform(RandomCrop(...), p=0.8)
 ROTATION_P = 0.5   # ProbTransform(RandomRotation(...), p=0.5)

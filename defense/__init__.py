@@ -1,1 +1,3 @@
-"""Post-training defenses: one file each, each defining add_arguments() and purify()."""
+"""Defenses: one script each, declaring itself with a :class:`defense.base.Defense` (its algorithm,
+flags, checks and what it holds), beside the framework they share: the declaration and the defender's
+data (base.py) and the runner (runner.py)."""

@@ -35,22 +35,19 @@ throughout; whether bf16 changes the results is not yet measured here.
 from __future__ import annotations
 
 import math
-import sys
 from copy import deepcopy
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.nn.utils import parametrize  # noqa: E402
-
-from utils.config import check_range  # noqa: E402
-from utils.defense import run_defense  # noqa: E402
-from utils.errors import UserError  # noqa: E402
-from utils.runner import cli_main  # noqa: E402
-from utils.train import fit  # noqa: E402
+from defense.base import Defense
+from defense.runner import run_defense
+from utils.cli import cli_main
+from utils.config import check_range
+from utils.errors import UserError
+from utils.train import fit
 
 BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -70,8 +67,6 @@ def add_arguments(parser) -> None:
 
 
 def check_settings(cfg, model) -> None:
-    if getattr(cfg, "epochs", None) is not None:
-        raise UserError("ANP trains its masks for --nb_iter batches; --epochs does not apply to it")
     if not any(isinstance(m, BN) and m.affine for m in model.modules()):
         raise UserError(f"ANP perturbs BatchNorm neurons and {cfg.model} has no affine BatchNorm layer")
     if cfg.nb_iter < 1 or cfg.print_every < 1 or cfg.anp_steps < 1:
@@ -215,9 +210,19 @@ def purify(model, clean, cfg, report):
     return model
 
 
+DEFENSE = Defense("anp", purify, __doc__.splitlines()[0], add_arguments, validate=check_settings,
+                  ignored_flags={"epochs": "ANP counts mask batches: --nb_iter, in rounds of --print_every",
+                                 "client_optimizer": "the masks always take SGD steps (--lr, --sgd_momentum)",
+                                 "wd": "the masks' SGD has no weight decay",
+                                 "lr_scheduler": "no schedule: the masks' rate stays at --lr",
+                                 "steplr_milestones": "no schedule: the masks' rate stays at --lr",
+                                 "steplr_stepsize": "no schedule: the masks' rate stays at --lr",
+                                 "steplr_gamma": "no schedule: the masks' rate stays at --lr",
+                                 "cos_t_max": "no schedule: the masks' rate stays at --lr"})
+
+
 def main(argv: list[str] | None = None):
-    return run_defense("anp", purify, add_arguments, argv, description=__doc__.splitlines()[0],
-                       validate=check_settings)
+    return run_defense(DEFENSE, argv)
 
 
 if __name__ == "__main__":

@@ -29,21 +29,17 @@ BackdoorBench). ``--amp false`` gives fp32; whether bf16 changes the results is 
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from models import model_layers  # noqa: E402
-from utils.config import str2bool  # noqa: E402
-from utils.defense import run_defense  # noqa: E402
-from utils.errors import UserError  # noqa: E402
-from utils.runner import cli_main  # noqa: E402
-from utils.train import build_optimizer, build_scheduler, fit  # noqa: E402
+from defense.base import Defense
+from defense.runner import run_defense
+from models import model_layers
+from utils.cli import cli_main
+from utils.config import str2bool
+from utils.errors import UserError
+from utils.train import build_optimizer, build_scheduler, fit
 
 WARM_UP_METHODS = ("uniform", "near", "middle", "far", "noise")
 
@@ -160,9 +156,11 @@ def purify(model, clean, cfg, report):
     return model
 
 
+DEFENSE = Defense("d3", purify, __doc__.splitlines()[0], add_arguments, validate=check_settings)
+
+
 def main(argv: list[str] | None = None):
-    return run_defense("d3", purify, add_arguments, argv, description=__doc__.splitlines()[0],
-                       validate=check_settings)
+    return run_defense(DEFENSE, argv)
 
 
 if __name__ == "__main__":

@@ -41,20 +41,17 @@ channels as ``fp_pruning.safetensors``; the summary says how many channels were 
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn as nn
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-
-from models import model_layers  # noqa: E402
-from utils.config import check_range  # noqa: E402
-from utils.defense import run_defense  # noqa: E402
-from utils.errors import UserError  # noqa: E402
-from utils.runner import cli_main  # noqa: E402
-from utils.train import build_optimizer, build_scheduler, cross_entropy_loss, fit  # noqa: E402
+from defense.base import Defense
+from defense.runner import run_defense
+from models import model_layers
+from utils.cli import cli_main
+from utils.config import check_range
+from utils.errors import UserError
+from utils.train import build_optimizer, build_scheduler, cross_entropy_loss, fit
 
 
 def add_arguments(parser) -> None:
@@ -142,9 +139,11 @@ def purify(model, clean, cfg, report):
     return model
 
 
+DEFENSE = Defense("fp", purify, __doc__.splitlines()[0], add_arguments, validate=prune_layer)
+
+
 def main(argv: list[str] | None = None):
-    return run_defense("fp", purify, add_arguments, argv, description=__doc__.splitlines()[0],
-                       validate=prune_layer)
+    return run_defense(DEFENSE, argv)
 
 
 if __name__ == "__main__":

@@ -30,19 +30,15 @@ is not yet measured here.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import torch
+import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from utils.config import Config, check_range, str2bool  # noqa: E402
-from utils.defense import run_defense  # noqa: E402
-from utils.runner import cli_main  # noqa: E402
-from utils.sam import SAM  # noqa: E402
-from utils.train import build_optimizer, build_scheduler, fit  # noqa: E402
+from defense.base import Defense
+from defense.runner import run_defense
+from utils.cli import cli_main
+from utils.config import Config, check_range, str2bool
+from utils.sam import SAM
+from utils.train import build_optimizer, build_scheduler, fit
 
 
 def add_arguments(parser) -> None:
@@ -84,9 +80,12 @@ def purify(model, clean, cfg, report):
     return model
 
 
+DEFENSE = Defense("ft-sam", purify, __doc__.splitlines()[0], add_arguments, validate=check_settings,
+                  reserve_per_class=True)
+
+
 def main(argv: list[str] | None = None):
-    return run_defense("ft-sam", purify, add_arguments, argv, description=__doc__.splitlines()[0],
-                       reserve_per_class=True, validate=check_settings)
+    return run_defense(DEFENSE, argv)
 
 
 if __name__ == "__main__":

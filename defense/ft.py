@@ -13,14 +13,10 @@ not yet measured here.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from utils.defense import run_defense  # noqa: E402
-from utils.runner import cli_main  # noqa: E402
-from utils.train import build_optimizer, build_scheduler, cross_entropy_loss, fit  # noqa: E402
+from defense.base import Defense
+from defense.runner import run_defense
+from utils.cli import cli_main
+from utils.train import build_optimizer, build_scheduler, cross_entropy_loss, fit
 
 
 def purify(model, clean, cfg, report):
@@ -31,8 +27,11 @@ def purify(model, clean, cfg, report):
     return model
 
 
+DEFENSE = Defense("ft", purify, __doc__.splitlines()[0])
+
+
 def main(argv: list[str] | None = None):
-    return run_defense("ft", purify, None, argv, description=__doc__.splitlines()[0])
+    return run_defense(DEFENSE, argv)
 
 
 if __name__ == "__main__":

@@ -31,20 +31,16 @@ here.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import torch
+import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from utils.config import check_range  # noqa: E402
-from utils.data import FixedBatches  # noqa: E402
-from utils.defense import run_defense  # noqa: E402
-from utils.errors import UserError  # noqa: E402
-from utils.runner import cli_main  # noqa: E402
-from utils.train import build_optimizer, build_scheduler, fit  # noqa: E402
+from defense.base import Defense
+from defense.runner import run_defense
+from utils.cli import cli_main
+from utils.config import check_range
+from utils.errors import UserError
+from utils.loader import FixedBatches
+from utils.train import build_optimizer, build_scheduler, fit
 
 FIXED_POINT_TOL = 1e-10  # the fixed-point method stops early once its iterate moves less than this
 
@@ -129,9 +125,11 @@ def purify(model, clean, cfg, report):
     return model
 
 
+DEFENSE = Defense("i-bau", purify, __doc__.splitlines()[0], add_arguments, validate=check_settings)
+
+
 def main(argv: list[str] | None = None):
-    return run_defense("i-bau", purify, add_arguments, argv, description=__doc__.splitlines()[0],
-                       validate=check_settings)
+    return run_defense(DEFENSE, argv)
 
 
 if __name__ == "__main__":

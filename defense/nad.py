@@ -47,22 +47,20 @@ Where this differs from BackdoorBench, beyond the layers above:
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from models import model_layers  # noqa: E402
-from utils.config import require  # noqa: E402
-from utils.defense import run_defense  # noqa: E402
-from utils.errors import UserError  # noqa: E402
-from utils.record import load_into, load_tensors  # noqa: E402
-from utils.runner import cli_main  # noqa: E402
-from utils.train import build_optimizer, build_scheduler, cross_entropy_loss, fit, frozen_copy  # noqa: E402
+from defense.base import Defense
+from defense.runner import run_defense
+from models import model_layers
+from utils.cli import cli_main
+from utils.config import require
+from utils.errors import UserError
+from utils.record import load_into, load_tensors
+from utils.train import build_optimizer, build_scheduler, cross_entropy_loss, fit, frozen_copy
 
 ATTENTION_EPS = 1e-6
 
@@ -177,9 +175,11 @@ def purify(model, clean, cfg, report):
     return model
 
 
+DEFENSE = Defense("nad", purify, __doc__.splitlines()[0], add_arguments, validate=attention_layers)
+
+
 def main(argv: list[str] | None = None):
-    return run_defense("nad", purify, add_arguments, argv, description=__doc__.splitlines()[0],
-                       validate=attention_layers)
+    return run_defense(DEFENSE, argv)
 
 
 if __name__ == "__main__":

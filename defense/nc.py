@@ -42,21 +42,18 @@ flagged classes.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import torch
+import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from utils.config import check_range, str2bool  # noqa: E402
-from utils.data import ImageSet  # noqa: E402
-from utils.defense import run_defense  # noqa: E402
-from utils.errors import UserError  # noqa: E402
-from utils.progress import progress  # noqa: E402
-from utils.runner import cli_main, run_logger  # noqa: E402
-from utils.train import build_optimizer, build_scheduler, cross_entropy_loss, fit  # noqa: E402
+from defense.base import Defense
+from defense.runner import run_defense
+from utils.cli import cli_main
+from utils.config import check_range, str2bool
+from utils.datasets import ImageSet
+from utils.errors import UserError
+from utils.logs import run_logger
+from utils.progress import progress
+from utils.train import build_optimizer, build_scheduler, cross_entropy_loss, fit
 
 TANH_EPS = 1e-7  # BackdoorBench's EPSILON: keeps tanh(.) / (2 + eps) + 1/2 strictly inside (0, 1)
 MAD_CONSISTENCY = 1.4826
@@ -235,9 +232,11 @@ def purify(model, clean, cfg, report):
     return model
 
 
+DEFENSE = Defense("nc", purify, __doc__.splitlines()[0], add_arguments, validate=check_settings)
+
+
 def main(argv: list[str] | None = None):
-    return run_defense("nc", purify, add_arguments, argv, description=__doc__.splitlines()[0],
-                       validate=check_settings)
+    return run_defense(DEFENSE, argv)
 
 
 if __name__ == "__main__":

@@ -43,21 +43,18 @@ here.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models.defensive import DefensiveTriggerModel, shifted_label_map  # noqa: E402
-from utils.backdoor import random_subset  # noqa: E402
-from utils.config import check_range  # noqa: E402
-from utils.data import BatchLoader, ImageSet, random_rotation  # noqa: E402
-from utils.defense import run_defense  # noqa: E402
-from utils.errors import UserError  # noqa: E402
-from utils.runner import cli_main  # noqa: E402
-from utils.train import build_optimizer, build_scheduler, cross_entropy_loss, fit  # noqa: E402
+from defense.base import Defense
+from defense.runner import run_defense
+from models.defensive import DefensiveTriggerModel, shifted_label_map
+from utils.backdoor import random_subset
+from utils.cli import cli_main
+from utils.config import check_range
+from utils.datasets import ImageSet
+from utils.errors import UserError
+from utils.loader import BatchLoader, random_rotation
+from utils.train import build_optimizer, build_scheduler, cross_entropy_loss, fit
 
 
 def trigger_mask(trigger_type: int, size: int, dataset: str) -> torch.Tensor:
@@ -181,10 +178,12 @@ def add_arguments(g) -> None:
                    "clean: the official code's clean images and labels (outside the threat model, for comparison)")
 
 
+DEFENSE = Defense("pdb", purify, __doc__.splitlines()[0], add_arguments, validate=validate, holds="poisoned_train",
+                  reads_clean_train=lambda cfg: cfg.defensive_source == "clean", images_per_epoch=epoch_images)
+
+
 def main(argv: list[str] | None = None):
-    return run_defense("pdb", purify, add_arguments, argv, description=__doc__.splitlines()[0], validate=validate,
-                       holds="poisoned_train", reads_clean_train=lambda cfg: cfg.defensive_source == "clean",
-                       images_per_epoch=epoch_images)
+    return run_defense(DEFENSE, argv)
 
 
 if __name__ == "__main__":

@@ -33,19 +33,15 @@ sau.py uses no autocast (its ``--amp`` is parsed and never used), so it runs the
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import torch
+import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from utils.config import str2bool  # noqa: E402
-from utils.defense import run_defense  # noqa: E402
-from utils.errors import UserError  # noqa: E402
-from utils.runner import cli_main  # noqa: E402
-from utils.train import build_optimizer, build_scheduler, fit, frozen_copy  # noqa: E402
+from defense.base import Defense
+from defense.runner import run_defense
+from utils.cli import cli_main
+from utils.config import str2bool
+from utils.errors import UserError
+from utils.train import build_optimizer, build_scheduler, fit, frozen_copy
 
 NORM_TYPES = ("L_inf", "L2", "L1", "Reg")
 PGD_INITS = ("zero", "random", "max", "min")
@@ -192,9 +188,13 @@ def purify(model, clean, cfg, report):
     return model
 
 
+DEFENSE = Defense("sau", purify, __doc__.splitlines()[0], add_arguments, validate=check_settings,
+                  ignored_flags={"random_crop_padding": "SAU trains on unaugmented batches, as BackdoorBench",
+                                 "random_hflip": "SAU trains on unaugmented batches, as BackdoorBench"})
+
+
 def main(argv: list[str] | None = None):
-    return run_defense("sau", purify, add_arguments, argv, description=__doc__.splitlines()[0],
-                       validate=check_settings)
+    return run_defense(DEFENSE, argv)
 
 
 if __name__ == "__main__":

@@ -92,5 +92,11 @@ def create_model(name: str, num_classes: int, *, pretrained: bool | None = None,
     return fn(num_classes=num_classes, **start, **kwargs)
 
 
+def new_model(cfg, num_classes: int) -> nn.Module:
+    """The model a run trains from its start (``cfg.model``): random, or pretrained from ``--pretrained_path``."""
+    return create_model(cfg.model, num_classes, pretrained=getattr(cfg, "pretrained", None),
+                        pretrained_path=getattr(cfg, "pretrained_path", None))
+
+
 def is_model(name: str) -> bool:
     return name in _MODELS or name.startswith("timm/")

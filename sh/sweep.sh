@@ -6,7 +6,7 @@
 #   ATTACKS=badnet,blended DEFENSES=ft,d3 SEEDS=0,1,2 bash sh/sweep.sh --gpus all
 #   bash sh/sweep.sh --executor slurm --slurm_partition gpu
 #
-# Arguments are passed on to the launcher (python sh/launch.py --help) and win over the variables.
+# Arguments are passed on to the launcher (python sweeps/launch.py --help) and win over the variables.
 # Every run whose output is already finished is skipped and an interrupted one resumes, so the same
 # command continues a stopped sweep. The table is written to $TABLE.{csv,md,tex} and $TABLE_cost.png.
 set -uo pipefail
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 
 ATTACKS="${ATTACKS:-all}"            # attack scripts (attack/<name>.py), comma-separated, or all
 DEFENSES="${DEFENSES:-all}"          # defense scripts (defense/<name>.py), comma-separated, all, or none
-PRESET="${PRESET:-paper}"            # paper | cpu | cpu_small | smoke (sh/launch.py --help says what each is)
+PRESET="${PRESET:-paper}"            # paper | cpu | cpu_small | smoke (sweeps/launch.py --help says what each is)
 DATASET="${DATASET:-cifar10}"
 DATASET_PATH="${DATASET_PATH:-}"     # empty: the scripts' ./data
 MODEL="${MODEL:-}"                   # empty: the preset's
@@ -33,7 +33,7 @@ args=(--attacks "$ATTACKS" --defenses "$DEFENSES" --preset "$PRESET" --dataset "
 [ -n "$EPOCHS" ] && args+=(--epochs "$EPOCHS")
 [ -n "$DEFENSE_EPOCHS" ] && args+=(--defense_epochs "$DEFENSE_EPOCHS")
 
-python sh/launch.py "${args[@]}" "$@"
+python sweeps/launch.py "${args[@]}" "$@"
 status=$?
 if [ "$status" -eq 2 ]; then exit 2; fi  # bad input: the launcher said what, nothing ran
 if [ "$status" -eq 130 ]; then exit 130; fi  # interrupted: the same command resumes; the table comes at the end
@@ -45,5 +45,5 @@ for arg in "$@"; do  # the preset the launcher ran (its --preset wins over PRESE
   prev="$arg"
 done
 # shellcheck disable=SC2086
-python sh/results_table.py --record_dir "$RECORD_DIR" --out "$TABLE" --preset "$PRESET" $TABLE_ARGS || status=$?
+python sweeps/results_table.py --record_dir "$RECORD_DIR" --out "$TABLE" --preset "$PRESET" $TABLE_ARGS || status=$?
 exit "$status"

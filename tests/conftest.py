@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import io
 import pickle
-import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn as nn
 from PIL import Image
 
+from models import create_model
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 TRAIN_PER_BATCH, TEST_SIZE = 40, 100  # 200 training images in 5 batches
@@ -94,7 +96,7 @@ def copy_record(record: Path, dest_root: Path, name: str | None = None) -> Path:
 
 def expect_error(capsys, main, argv, pattern: str) -> str:
     """Run ``main(argv)`` as the CLI does: it must exit 2 with one ``error:`` line holding ``pattern``."""
-    from utils.runner import cli_main
+    from utils.cli import cli_main
     with pytest.raises(SystemExit) as exc:
         cli_main(main, argv)
     assert exc.value.code == 2
@@ -113,9 +115,9 @@ def rebuild_and_defend(record: Path, dataset_path: str, attack):
     import torch
 
     import defense.d3 as d3
-    from utils.attack import rebuild_backdoor_test
-    from utils.data import load_dataset
+    from attack.record import rebuild_backdoor_test
     from utils.record import load_tensors
+    from utils.sources import load_dataset
     meta = json.loads((record / "record.json").read_text())
     dataset = load_dataset("cifar10", dataset_path, None)
     bd = rebuild_backdoor_test(meta, record, dataset)
@@ -133,16 +135,16 @@ def rebuild_and_defend(record: Path, dataset_path: str, attack):
 
 def interrupt_after_saves(monkeypatch, count: int):
     """Ctrl-C in the epoch after the ``count``-th checkpoint was written (the end of epoch count + 1)."""
-    import utils.runner
-    real, calls = utils.runner.EpochReporter.__call__, []
+    import utils.report
+    real, calls = utils.report.EpochReporter.__call__, []
 
     def report_or_interrupt(self, epoch, stats):
         calls.append(epoch)
         if len(calls) == count + 1:
             raise KeyboardInterrupt
         return real(self, epoch, stats)
-    monkeypatch.setattr(utils.runner.EpochReporter, "__call__", report_or_interrupt)
-    return lambda: monkeypatch.setattr(utils.runner.EpochReporter, "__call__", real)
+    monkeypatch.setattr(utils.report.EpochReporter, "__call__", report_or_interrupt)
+    return lambda: monkeypatch.setattr(utils.report.EpochReporter, "__call__", real)
 
 
 def leaks(root, secrets: list) -> list:
@@ -173,3 +175,22 @@ def leaks(root, secrets: list) -> list:
             walk(child, depth + 1)
     walk(root)
     return found
+
+
+def shapes(model: nn.Module) -> list[tuple[str, tuple]]:
+    return [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+
+
+def on_meta(name: str, **kw) -> nn.Module:
+    """Layout only: no memory, no initialisation."""
+    with torch.device("meta"):
+        return create_model(name, 10, **kw)
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """What D3's ``all_linear`` selects."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def d3_args(tiny_data, root, *extra):
+    return ["--result_file", "badnet", *run_args(tiny_data, root), "--ratio", "0.5", *extra]

@@ -1,8 +1,13 @@
 import torch
 
-from utils.backdoor import (attack_labels, backdoor_test_indices, backdoor_test_set, poison_train_set,
-                            select_poison_indices)
-from utils.data import ImageSet
+from utils.backdoor import (
+    attack_labels,
+    backdoor_test_indices,
+    backdoor_test_set,
+    poison_train_set,
+    select_poison_indices,
+)
+from utils.datasets import ImageSet
 
 
 def test_poison_index_count_seed_and_spread():

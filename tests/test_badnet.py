@@ -2,12 +2,12 @@
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from PIL import Image
 
 from attack.badnet import BadNet
-from conftest import ROOT
 from utils.config import Config
-from utils.data import DATASETS
+from utils.datasets import DATASETS
 from utils.errors import UserError
 
 BB_PATCH = ROOT.parent / "shared" / "data" / "backdoorbench-resource" / "badnet" / "trigger_image.png"

@@ -2,12 +2,12 @@
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, TINY, expect_error, rebuild_and_defend, run_args
 from PIL import Image
 
 from attack.blended import Blended, main, noise_key
-from conftest import ROOT, TINY, expect_error, rebuild_and_defend, run_args
 from utils.config import Config
-from utils.data import DATASETS
+from utils.datasets import DATASETS
 from utils.errors import UserError
 from utils.record import load_tensors, read_json
 

@@ -8,15 +8,16 @@ import sys
 import pytest
 import torch
 import yaml
+from conftest import ROOT, TINY, copy_record, expect_error, run_args
 
 import attack.badnet as badnet
 import defense.d3 as d3
 import defense.ft as ft
-from conftest import ROOT, TINY, copy_record, expect_error, run_args
+from defense.base import Defense
+from defense.runner import run_defense
 from models import create_model
-from utils.defense import run_defense
+from sweeps.collect import NO_DEFENSE, collect
 from utils.record import load_tensors, save_tensors, sha256_file
-from utils.results import NO_DEFENSE, collect
 
 ATTACK_FILES = {"record.json", "config.yaml", "model.safetensors", "indices.safetensors", "trigger.safetensors",
                 "metrics.csv", "summary.json", "attack.log", "attack_acc_like_metric_plots.png",
@@ -51,7 +52,7 @@ def test_cli_subprocess_attack_then_defense_then_table(tiny_data, tmp_path):
     run("attack/badnet.py", "--save_folder_name", "cli", *run_args(tiny_data, tmp_path), *TINY, "--epochs", "1")
     proc = run("defense/d3.py", "--result_file", "cli", *run_args(tiny_data, tmp_path), "--epochs", "1")
     assert "\r" not in proc.stderr and "it/s" not in proc.stderr  # no progress bars when stderr is not a terminal
-    table = run("sh/results_table.py", "--record_dir", str(tmp_path), "--runs").stdout
+    table = run("sweeps/results_table.py", "--record_dir", str(tmp_path), "--runs").stdout
     assert "cli" in table and "badnet" in table and "d3" in table
 
 
@@ -226,8 +227,9 @@ def test_defense_sees_only_reserved_clean_data(tiny_data, tiny_record, tmp_path)
         seen.update(n=len(clean), images=clean.data.images.clone(), report=report(0, {"train_loss": 1.0}),
                     keys=set(vars(cfg)), public=[a for a in dir(report) if not a.startswith("_")])
         return model
-    run_defense("spy", spy, None, ["--result_file", "badnet", *run_args(tiny_data, tmp_path), "--epochs", "1",
-                                   "--batch_size", "8", "--random_seed", "0", "--ratio", "0.25"])
+    run_defense(Defense("spy", spy, "spy defense"), ["--result_file", "badnet", *run_args(tiny_data, tmp_path),
+                                                     "--epochs", "1", "--batch_size", "8", "--random_seed", "0",
+                                                     "--ratio", "0.25"])
     assert seen["n"] == 50 and seen["report"] is None
     # checkpointing through fit, and ways to keep what the defense decided; no metric to read
     assert set(seen["public"]) == {"start", "restore", "save", "log", "note", "save_tensors", "save_image",
@@ -254,9 +256,10 @@ def test_unsafe_checkpoint_is_refused_on_resume(capsys, tiny_data, tmp_path):
 def _script_mains():
     import importlib.util
     scripts = sorted((ROOT / "attack").glob("*.py")) + sorted((ROOT / "defense").glob("*.py")) + \
-        [ROOT / "sh" / f for f in ("launch.py", "results_table.py", "test_set_rule.py", "bench_throughput.py")]
+        [ROOT / "sweeps" / f for f in ("launch.py", "results_table.py")] + \
+        [ROOT / "tools" / f for f in ("test_set_rule.py", "bench_throughput.py")]
     for path in scripts:
-        if path.name == "__init__.py":
+        if 'if __name__ == "__main__":' not in path.read_text():  # the framework beside the scripts
             continue
         spec = importlib.util.spec_from_file_location(f"_help_{path.parent.name}_{path.stem.replace('-', '_')}", path)
         module = importlib.util.module_from_spec(spec)

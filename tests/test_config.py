@@ -56,7 +56,7 @@ def test_str2bool():
 def test_bd_yaml_path_replaces_the_attack_defaults(tmp_path):
     """BackdoorBench's --bd_yaml_path: the attack's defaults file, between the prototype and --yaml_path."""
     from attack.badnet import BadNet
-    from utils.attack import _base_files
+    from attack.runner import _base_files
     from utils.config import CONFIG_DIR
     (tmp_path / "bd.yaml").write_text("pratio: 0.05\n")
     files = _base_files(BadNet)

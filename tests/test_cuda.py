@@ -4,10 +4,11 @@ import torch
 
 from models import create_model
 from utils.backdoor import backdoor_test_set
-from utils.data import BatchLoader, ImageSet, Normalizer
-from utils.evaluate import Evaluator
-from utils.train import build_optimizer, build_scheduler, cross_entropy_loss, fit
 from utils.config import Config
+from utils.datasets import ImageSet
+from utils.evaluate import Evaluator
+from utils.loader import BatchLoader, Normalizer
+from utils.train import build_optimizer, build_scheduler, cross_entropy_loss, fit
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

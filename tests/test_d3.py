@@ -4,10 +4,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import defense.d3 as d3
+from defense.base import DefenderData
 from models import create_model
 from utils.config import Config
-from utils.data import DATASETS, ImageSet
-from utils.defense import DefenderData
+from utils.datasets import DATASETS, ImageSet
 from utils.errors import UserError
 
 

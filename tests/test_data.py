@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from utils.data import BatchLoader, ImageSet, Normalizer, load_dataset, random_crop_flip
+from utils.datasets import ImageSet
 from utils.errors import UserError
+from utils.loader import BatchLoader, Normalizer, random_crop_flip
+from utils.sources import load_dataset
 
 
 def test_pickle_layout_loads_exact_pixels(tiny_data, tmp_path):
@@ -30,8 +32,8 @@ def test_zip_image_folder_holds_the_same_pixels(tiny_data, tmp_path):
 def test_cache_is_written_once_and_reused(tiny_data, tmp_path, monkeypatch):
     load_dataset("cifar10", tiny_data["zip"], cache_dir=tmp_path)
     assert len(list(tmp_path.glob("cifar10-*.safetensors"))) == 1
-    import utils.data as data
-    monkeypatch.setattr(data, "_decode", lambda *a: (_ for _ in ()).throw(AssertionError("decoded again")))
+    import utils.sources as sources
+    monkeypatch.setattr(sources, "_decode", lambda *a: (_ for _ in ()).throw(AssertionError("decoded again")))
     again = load_dataset("cifar10", tiny_data["zip"], cache_dir=tmp_path)
     assert len(again.train) == 200
 

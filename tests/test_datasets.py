@@ -13,12 +13,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import expect_error
 from PIL import Image
 
-import utils.data as data
-from conftest import expect_error
-from utils.data import load_dataset
+import utils.readers as readers
+import utils.sources as sources
+from utils.datasets import DATASETS
 from utils.errors import UserError
+from utils.sources import load_dataset
 
 HEADER = "Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"
 GTSRB_TRAIN_PER_CLASS = 2
@@ -136,8 +138,8 @@ def test_gtsrb_layouts_give_backdoorbench_tensors(gtsrb, tmp_path, monkeypatch):
     assert bb.test.labels.tolist() == [c for _, c in test]  # the CSV's order and ClassIds
 
     # The official archives, decoded on several threads in small chunks: the same tensors.
-    monkeypatch.setattr(data, "DECODE_CHUNK", 8)
-    monkeypatch.setattr(data, "_decode_workers", lambda: 3)
+    monkeypatch.setattr(readers, "DECODE_CHUNK", 8)
+    monkeypatch.setattr(readers, "_decode_workers", lambda: 3)
     official = load_dataset("gtsrb", gtsrb["official"], cache_dir=tmp_path)
     assert torch.equal(official.train.images, bb.train.images) and torch.equal(official.test.images, bb.test.images)
     assert torch.equal(official.train.labels, bb.train.labels) and torch.equal(official.test.labels, bb.test.labels)
@@ -169,15 +171,15 @@ def test_gtsrb_is_decoded_once_and_the_key_follows_the_labels_file(gtsrb, tmp_pa
     root = write_gtsrb_official(tmp_path / "official", gtsrb["train"], gtsrb["test"], "root")
     first = load_dataset("gtsrb", root, cache_dir=tmp_path / "cache")
     assert len(list((tmp_path / "cache").glob("gtsrb-*.safetensors"))) == 1
-    real_decode = data._decode
-    monkeypatch.setattr(data, "_decode", lambda *a: (_ for _ in ()).throw(AssertionError("decoded again")))
+    real_decode = sources._decode
+    monkeypatch.setattr(sources, "_decode", lambda *a: (_ for _ in ()).throw(AssertionError("decoded again")))
     again = load_dataset("gtsrb", root, cache_dir=tmp_path / "cache")
     assert again.fingerprint == first.fingerprint and again.classes == first.classes
 
     # The labels lie outside the GTSRB/ folder, yet an edit there is a new source.
     labels_file = root / "GT-final_test.csv"
     labels_file.write_text(labels_file.read_text().replace(";0\n", ";1\n"))
-    monkeypatch.setattr(data, "_decode", real_decode)
+    monkeypatch.setattr(sources, "_decode", real_decode)
     edited = load_dataset("gtsrb", root, cache_dir=tmp_path / "cache")
     assert edited.fingerprint != first.fingerprint
     assert (edited.test.labels != first.test.labels).sum() == 1
@@ -363,9 +365,9 @@ def test_prototype_configs_follow_backdoorbench():
         assert cfg["random_crop_padding"] == 4 and cfg["random_hflip"] is False  # BackdoorBench flips CIFAR-10 only
         opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.01)
         build_scheduler(opt, SimpleNamespace(**{"cos_t_max": None, **cfg}), epochs)  # a scheduler the toolkit has
-    assert data.DATASETS["gtsrb"].mean == (0, 0, 0) and data.DATASETS["gtsrb"].std == (1, 1, 1)
-    assert data.DATASETS["tiny"].mean == (0.4802, 0.4481, 0.3975)
-    assert data.DATASETS["tiny"].std == (0.2302, 0.2265, 0.2262)
+    assert DATASETS["gtsrb"].mean == (0, 0, 0) and DATASETS["gtsrb"].std == (1, 1, 1)
+    assert DATASETS["tiny"].mean == (0.4802, 0.4481, 0.3975)
+    assert DATASETS["tiny"].std == (0.2302, 0.2265, 0.2262)
 
 
 def test_tiny_attack_reads_its_prototype(capsys, tmp_path):
@@ -397,7 +399,7 @@ def test_reduce_lr_on_plateau_steps_on_the_epoch_train_loss():
 
     import torch
 
-    from utils.data import FixedBatches
+    from utils.loader import FixedBatches
     from utils.train import build_optimizer, build_scheduler, fit
     model = torch.nn.Linear(2, 2)
     cfg = SimpleNamespace(lr_scheduler="ReduceLROnPlateau", client_optimizer="sgd", lr=0.1, sgd_momentum=0.0, wd=0.0)
@@ -410,3 +412,19 @@ def test_reduce_lr_on_plateau_steps_on_the_epoch_train_loss():
     fit(model, FixedBatches([(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))]), optimizer, scheduler,
         flat_loss, epochs=13)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)  # patience 10, then x0.1
+
+
+def test_offline_first_run_says_what_to_place_where(monkeypatch, tmp_path):
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise OSError("Temporary failure in name resolution")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as exc:
+        load_dataset("cifar10", "data")
+    message = str(exc.value)
+    assert f"{tmp_path / 'data'}" in message and "could not be downloaded" in message
+    assert "cifar-10-batches-py/" in message and "train/<class>/" in message and ".zip" in message
+    assert "\n" not in message
+    assert not (tmp_path / "data").exists()  # no empty folder left behind

@@ -4,14 +4,26 @@ record rebuilds its backdoor test set bit for bit (then D3), resume, and bad inp
 import pytest
 import torch
 import yaml
-
-from attack.inputaware import (EncoderDecoder, InputAware, InputAwareTrigger, batch_count, blend, cross_sources,
-                               load_generator, main, mask_loss, seeded_generator, threshold, train_mask)
 from conftest import ROOT, expect_error, interrupt_after_saves, rebuild_and_defend, run_args
+
+from attack.inputaware import (
+    EncoderDecoder,
+    InputAware,
+    InputAwareTrigger,
+    batch_count,
+    blend,
+    cross_sources,
+    load_generator,
+    main,
+    mask_loss,
+    seeded_generator,
+    threshold,
+    train_mask,
+)
+from utils.cli import cli_main
 from utils.config import Config
-from utils.data import DATASETS, ImageSet
+from utils.datasets import DATASETS, ImageSet
 from utils.record import load_tensors, read_json
-from utils.runner import cli_main
 
 CIFAR = DATASETS["cifar10"]
 # The tiny end-to-end setting: stage 1 one epoch, the classifier two (3 epochs in all, BackdoorBench's
@@ -223,9 +235,9 @@ def test_end_to_end_then_d3_and_rebuild(tiny_data, tmp_path):
     # the exact rebuild is slow on a CPU, so the rebuilt set is cached under its fingerprint (the attack
     # stores it); without the cache it is rebuilt from the generators, and a cached set with other
     # content is not used
-    from utils.attack import rebuild_backdoor_test
-    from utils.data import default_cache_dir
+    from attack.record import rebuild_backdoor_test
     from utils.record import save_tensors
+    from utils.sources import default_cache_dir
     cached = default_cache_dir() / "backdoor_test_sets" / f"{meta['backdoor_test_fingerprint']}.safetensors"
     assert cached.is_file()
     fresh_bd = rebuild_backdoor_test(meta, rec, dataset, cache_dir=tmp_path / "empty-cache")
@@ -239,14 +251,14 @@ def test_end_to_end_then_d3_and_rebuild(tiny_data, tmp_path):
     assert len(rows) == 2 and rows["asr"].notna().all() and "div_loss" in rows  # 3 epochs: 1 mask + 2
     assert read_json(rec / "summary.json")["epochs"] == 2
     # the summary's ASR is the record's model on the rebuilt set (the last evaluation used the exact set)
+    from attack.record import load_model
     from utils.evaluate import predict
+    from utils.loader import Normalizer
     from utils.metrics import accuracy
-    from utils.record import load_model
-    from utils.data import Normalizer
     pred = predict(load_model(rec), bd.images, Normalizer(CIFAR.mean, CIFAR.std, "cpu"), device="cpu").argmax(1)
     assert read_json(rec / "summary.json")["asr"] == rows["asr"].iloc[-1] == accuracy(pred, bd.target_labels)
     # PDB's snapshot: per unshuffled batch, n backdoor then n cross samples, rebuilt the same every time
-    from utils.attack import load_attack_record, poisoned_train_set
+    from attack.record import load_attack_record, poisoned_train_set
     record = load_attack_record(rec)
     snap = poisoned_train_set(record, dataset)
     trig = load_tensors(rec / "trigger.safetensors")

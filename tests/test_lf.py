@@ -7,15 +7,17 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import ROOT, TINY, expect_error, rebuild_and_defend, run_args
 
 import attack.lf as lf
 from attack.lf import LowFrequency, band_mask, low_pass, main
-from conftest import ROOT, TINY, expect_error, rebuild_and_defend, run_args
 from models import create_model
 from utils.config import Config
-from utils.data import DATASETS, Normalizer, load_dataset
+from utils.datasets import DATASETS
 from utils.errors import UserError
+from utils.loader import Normalizer
 from utils.record import load_tensors, read_json, save_tensors
+from utils.sources import load_dataset
 
 BB_DIR = ROOT.parent / "shared" / "data" / "backdoorbench-resource" / "lowFrequency"
 BB_FILE = BB_DIR / "cifar10_preactresnet18_0_255.npy"

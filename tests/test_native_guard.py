@@ -1,4 +1,4 @@
-"""The guard against the oneDNN bug of PyTorch 2.14.1 (see ``utils/runner.py`` above ``place_model``): a
+"""The guard against the oneDNN bug of PyTorch 2.14.1 (see ``utils/device.py`` above ``place_model``): a
 narrow strided 1x1 convolution's weight gradient in channels_last corrupts the heap on an AVX-512 CPU. The
 runs that can crash go to a subprocess, so a crash is a failed test, not a dead pytest."""
 import copy
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from models import create_model
-from utils.runner import _is_nchw, onednn_unsafe, place_model
+from utils.device import _is_nchw, onednn_unsafe, place_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NARROW_TRAINING = textwrap.dedent("""
     import torch
     from models import create_model
-    from utils.runner import place_model
+    from utils.device import place_model
     torch.manual_seed(0)
     for classes, batch, size, again in [(10, 32, 64, False), (43, 9, 32, False), (10, 9, 32, True)]:
         model = place_model(create_model("preactresnet18_w8", classes), torch.device("cpu")).train()

@@ -6,10 +6,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import copy_record, run_args
+
 from models import create_model
-from utils.data import BatchLoader, ImageSet, Normalizer
+from utils.datasets import ImageSet
+from utils.loader import BatchLoader, Normalizer
 from utils.record import load_tensors
 
 nc = importlib.import_module("defense.nc")

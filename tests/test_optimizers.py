@@ -5,8 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import copy_record, run_args
+
 from utils.train import build_optimizer
 
 

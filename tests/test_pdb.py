@@ -6,14 +6,17 @@ import json
 
 import pytest
 import torch
+from conftest import copy_record, expect_error, leaks, run_args
 
 import defense.pdb as pdb
-from conftest import copy_record, expect_error, leaks, run_args
+from attack.record import load_model
 from models import create_model
 from models.defensive import DefensiveTriggerModel, shifted_label_map
-from utils.data import DATASETS, Normalizer, load_dataset
+from utils.datasets import DATASETS
 from utils.evaluate import predict
-from utils.record import load_model, load_tensors
+from utils.loader import Normalizer
+from utils.record import load_tensors
+from utils.sources import load_dataset
 
 CIFAR10_MEAN, CIFAR10_STD = DATASETS["cifar10"].mean, DATASETS["cifar10"].std
 
@@ -95,8 +98,9 @@ def test_cli_writes_a_wrapped_model_that_reloads_as_a_plain_classifier(defended,
 
 
 def test_pdb_receives_the_poisoned_set_but_no_index_trigger_or_test_data(tiny_data, tiny_record, tmp_path):
-    from utils.attack import load_attack_record, load_train_set, poisoned_train_set
-    from utils.defense import run_defense
+    from attack.record import load_attack_record, load_train_set, poisoned_train_set
+    from defense.base import Defense
+    from defense.runner import run_defense
     copy_record(tiny_record, tmp_path)
     secrets = [torch.from_numpy(tiny_data["x_test"])]
     secrets += list(load_tensors(tmp_path / "badnet" / "indices.safetensors").values())
@@ -109,8 +113,9 @@ def test_pdb_receives_the_poisoned_set_but_no_index_trigger_or_test_data(tiny_da
     def spy(model, held, cfg, report):
         seen.update(leaks=leaks((model, held, cfg, report), secrets), held=held, model=model)
         return model
-    run_defense("spy", spy, None, ["--result_file", "badnet", *run_args(tiny_data, tmp_path), "--epochs", "1",
-                                   "--ratio", "0.1", "--random_seed", "0"], holds="poisoned_train")
+    run_defense(Defense("spy", spy, "spy defense", holds="poisoned_train"),
+                ["--result_file", "badnet", *run_args(tiny_data, tmp_path), "--epochs", "1", "--ratio", "0.1",
+                 "--random_seed", "0"])
     assert seen["leaks"] == [] and seen["held"].clean_train is None
     assert torch.equal(seen["held"].data.images.cpu(), poisoned.images)   # the set as the victim held it
     attacked = load_tensors(tmp_path / "badnet" / "model.safetensors")

@@ -1,10 +1,24 @@
 
+import json
+
 import pytest
 import torch
+from conftest import copy_record, d3_args, expect_error
 
+import defense.d3 as d3
 from models import create_model
 from utils.errors import UserError
-from utils.record import load_into, load_tensors, load_weights, safe_torch_load, save_tensors, torch_save, write_json
+from utils.record import (
+    load_into,
+    load_tensors,
+    load_weights,
+    read_yaml,
+    safe_torch_load,
+    save_tensors,
+    sha256_file,
+    torch_save,
+    write_json,
+)
 
 
 def test_tensor_round_trip_and_atomic_write(tmp_path):
@@ -97,8 +111,9 @@ RECORD_DAMAGE = [
 def test_damaged_record_json_is_refused_in_one_line(capsys, tiny_data, tiny_record, tmp_path, what, damage, message):
     import json
 
-    import defense.d3 as d3
     from conftest import copy_record, expect_error, run_args
+
+    import defense.d3 as d3
     rec = copy_record(tiny_record, tmp_path)
     meta = json.loads((rec / "record.json").read_text())
     damage(meta)
@@ -106,3 +121,68 @@ def test_damaged_record_json_is_refused_in_one_line(capsys, tiny_data, tiny_reco
     expect_error(capsys, d3.main, ["--result_file", "badnet", *run_args(tiny_data, tmp_path), "--epochs", "1"],
                  message)
     assert not (rec / "defense").exists()
+
+
+def test_missing_files_are_named(capsys, tiny_data, tiny_record, tmp_path):
+    rec = copy_record(tiny_record, tmp_path)
+    (rec / "summary.json").unlink()
+    expect_error(capsys, d3.main, d3_args(tiny_data, tmp_path), "summary.json is missing; the record is incomplete")
+    (rec / "record.json").unlink()
+    err = expect_error(capsys, d3.main, d3_args(tiny_data, tmp_path), "record.json, written last by a finished run, "
+                       "is missing")
+    assert "model.safetensors" in err  # says what is there
+    (rec / "checkpoint.pt").write_bytes(b"")
+    expect_error(capsys, d3.main, d3_args(tiny_data, tmp_path), "its run was interrupted")
+
+
+def test_flipped_bytes_in_the_weights_are_caught(capsys, tiny_data, tiny_record, tmp_path):
+    rec = copy_record(tiny_record, tmp_path)
+    data = bytearray((rec / "model.safetensors").read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    for i in range(header + 100, header + 1100):  # 1,000 bytes inside the tensor data
+        data[i] ^= 0xFF
+    (rec / "model.safetensors").write_bytes(bytes(data))
+    expect_error(capsys, d3.main, d3_args(tiny_data, tmp_path),
+                 "model.safetensors does not match the SHA-256 in")
+    assert not (rec / "defense").exists()
+
+
+def _rewrite(rec, name, text):
+    """Edit a record file and its hash alike, as a user who knows the format might."""
+    (rec / name).write_text(text)
+    meta = json.loads((rec / "record.json").read_text())
+    meta["files"][name] = sha256_file(rec / name)
+    (rec / "record.json").write_text(json.dumps(meta))
+
+
+def test_config_yaml_faults_are_one_line(capsys, tiny_data, tiny_record, tmp_path):
+    rec = copy_record(tiny_record, tmp_path)
+    sentinel = tmp_path / "pwned"
+    original = (rec / "config.yaml").read_text()
+    (rec / "config.yaml").write_text(original + "x: 1\n")
+    expect_error(capsys, d3.main, d3_args(tiny_data, tmp_path), "config.yaml does not match the SHA-256")
+    _rewrite(rec, "config.yaml", "model: [unclosed\n")
+    expect_error(capsys, d3.main, d3_args(tiny_data, tmp_path), "config.yaml is not plain YAML")
+    _rewrite(rec, "config.yaml", f"model: !!python/object/apply:os.system ['touch {sentinel}']\n")
+    expect_error(capsys, d3.main, d3_args(tiny_data, tmp_path), "config.yaml is not plain YAML")
+    assert not sentinel.exists()
+    _rewrite(rec, "config.yaml", "[1, 2]\n")
+    expect_error(capsys, d3.main, d3_args(tiny_data, tmp_path), "does not hold a mapping")
+    (rec / "config.yaml").unlink()
+    expect_error(capsys, d3.main, d3_args(tiny_data, tmp_path), "config.yaml is missing")
+    with pytest.raises(UserError, match="not plain YAML"):
+        read_yaml(_write(tmp_path / "t.yaml", "a: !!python/name:os.system\n"))
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_older_record_format_is_refused(capsys, tiny_data, tiny_record, tmp_path):
+    rec = copy_record(tiny_record, tmp_path)
+    meta = json.loads((rec / "record.json").read_text())
+    meta["format_version"] = 1
+    (rec / "record.json").write_text(json.dumps(meta))
+    expect_error(capsys, d3.main, d3_args(tiny_data, tmp_path),
+                 "has record format version 1, this toolkit reads version 2 only; rerun the step that wrote it")

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from conftest import copy_record, expect_error, run_args
+
 from utils.errors import UserError
 from utils.record import load_tensors
 from utils.sam import SAM

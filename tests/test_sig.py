@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 import torch
+from conftest import TINY, expect_error, rebuild_and_defend, run_args
 
 from attack.sig import SIG, main
-from conftest import TINY, expect_error, rebuild_and_defend, run_args
 from utils.config import Config
-from utils.data import DATASETS, tensor_fingerprint
+from utils.datasets import DATASETS, tensor_fingerprint
 from utils.errors import UserError
 from utils.record import load_tensors, read_json
 

@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
-from attack.ssba import SSBA, StegaDecoder, StegaEncoder, decode_secret, main, secret_bits, train_stegastamp
 from conftest import ROOT, TINY, expect_error, rebuild_and_defend, run_args
-from utils.attack import load_attack_record, load_train_set, poisoned_train_set, rebuild_backdoor_test
+
+from attack.record import load_attack_record, load_train_set, poisoned_train_set, rebuild_backdoor_test
+from attack.ssba import SSBA, StegaDecoder, StegaEncoder, decode_secret, main, secret_bits, train_stegastamp
 from utils.config import Config
-from utils.data import DATASETS, load_dataset
+from utils.datasets import DATASETS
 from utils.errors import UserError
 from utils.record import load_tensors, read_json
+from utils.sources import load_dataset
 
 CIFAR = DATASETS["cifar10"]
 # The encoder's settings for tiny runs: one step of 32 tiny training images.
@@ -92,7 +93,7 @@ def test_encoder_is_trained_once_then_cached(tiny_data, tmp_path, caplog):
     c = cfg(cache_dir=str(tmp_path), ssba_encoder_epochs=1, ssba_encoder_subset=32, ssba_encoder_batch_size=32)
     # The toolkit's logger stops propagating once any run has set up logging (earlier tests in the
     # session), so caplog's handler is attached to it directly.
-    from utils.runner import LOGGER_NAME, run_logger, setup_logging
+    from utils.logs import LOGGER_NAME, run_logger, setup_logging
     setup_logging()  # as a run leaves it, whatever ran before this test
     logger = run_logger()
     logger.addHandler(caplog.handler)

@@ -4,6 +4,7 @@ runs, in its own pool and through submitit's local executor."""
 from __future__ import annotations
 
 import csv
+import importlib
 import importlib.util
 import json
 import os
@@ -11,17 +12,21 @@ import re
 
 import pytest
 import yaml
+from conftest import ROOT, copy_record, expect_error, interrupt_after_saves, run_args
 
 import attack.badnet as badnet
-from conftest import ROOT, expect_error, interrupt_after_saves
+import defense.ft as ft
+from sweeps.collect import collect
+from sweeps.formats import CSV_COLUMNS, format_runs, format_text, rank_marks
+from sweeps.grouping import build_tables
+from sweeps.presets import PRESETS, preset_made
+from sweeps.table_files import write_tables
+from utils.cli import cli_main
 from utils.record import sha256_file
-from utils.results import CSV_COLUMNS, build_tables, collect, format_text, rank_marks, write_tables
-from utils.runner import cli_main
-from utils.sweep import PRESETS, preset_made
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "sh" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "sweeps" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -225,7 +230,7 @@ def test_preset_defense_schedules():
     """Long schedules scaled (cpu_small: 100 -> 60, 3 evaluations), a preset's own length for one defense
     (smoke: SAU 10 rounds), PDB on the attack's schedule, counts that are not epochs cut by flag, and
     --defense_epochs over all of it."""
-    from utils.sweep import PRESETS, defense_flags
+    from sweeps.presets import PRESETS, defense_flags
     smoke, small = PRESETS["smoke"], PRESETS["cpu_small"]
     assert defense_flags("d3", small) == ["--epochs", "60", "--eval_every", "20"]
     assert defense_flags("d3", smoke) == ["--epochs", "20", "--eval_every", "20"]
@@ -239,7 +244,7 @@ def test_preset_defense_schedules():
 def test_parallel_pool_jobs_share_the_cpu_threads():
     """Several jobs on one machine each get an equal share of the cores (OMP_NUM_THREADS), never
     overriding the user's setting; one job keeps PyTorch's default; a GPU slot is the job's only GPU."""
-    from utils.sweep import job_environment
+    from sweeps.executors import job_environment
     assert job_environment(None, 2, base={}, cpus=16)["OMP_NUM_THREADS"] == "8"
     assert job_environment(None, 4, base={}, cpus=2)["OMP_NUM_THREADS"] == "1"
     assert job_environment(None, 2, base={"OMP_NUM_THREADS": "3"}, cpus=16)["OMP_NUM_THREADS"] == "3"
@@ -253,7 +258,8 @@ def test_an_interrupted_launcher_leaves_no_job_running():
     import subprocess
     import sys
     import time
-    from utils.sweep import stop_jobs
+
+    from sweeps.executors import stop_jobs
     quick = subprocess.Popen([sys.executable, "-c", "pass"])
     stuck = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     start = time.monotonic()
@@ -278,7 +284,8 @@ def test_sweep_sh_builds_the_table_unless_the_input_was_bad_or_the_sweep_interru
                           capture_output=True, text=True)
     assert done.returncode == launcher_code, done.stderr
     lines = calls.read_text().splitlines()
-    assert [ln.split()[0] for ln in lines] == ["sh/launch.py"] + (["sh/results_table.py"] if table_built else [])
+    assert [ln.split()[0] for ln in lines] == \
+        ["sweeps/launch.py"] + (["sweeps/results_table.py"] if table_built else [])
     assert lines[0].endswith("--preset smoke")  # the arguments win over PRESET, for the launcher ...
     assert not table_built or "--preset smoke" in lines[1]  # ... and for the table's caption
 
@@ -326,3 +333,30 @@ def test_slurm_submits_the_attack_array_then_the_defense_array_after_it(tiny_dat
     assert "#SBATCH --array=0-1%" in attacks and "--dependency" not in attacks and "#SBATCH --partition=gpu" in attacks
     assert "#SBATCH --array=0-3%" in defenses and "#SBATCH --dependency=afterany:700" in defenses
     assert "#SBATCH --gpus-per-node=1" in defenses
+
+
+def test_results_table(capsys, tiny_data, tiny_record, tmp_path):
+    import importlib.util
+
+    from conftest import ROOT
+    spec = importlib.util.spec_from_file_location("results_table", ROOT / "sweeps" / "results_table.py")
+    results_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(results_table)
+
+    rec = copy_record(tiny_record, tmp_path)
+    ft.main(["--result_file", "badnet", *run_args(tiny_data, tmp_path), "--epochs", "1"])
+    rows = collect(tmp_path)
+    assert [(r.record, r.defense, r.problem) for r in rows] == [("badnet", "-", ""), ("badnet", "ft", "")]
+    summary = json.loads((rec / "defense" / "ft" / "summary.json").read_text())
+    table = results_table.main(["--record_dir", str(rec)])  # one record's folder works too
+    assert f"{100 * summary['clean_acc']:.2f}" in table and f"{100 * summary['der']:.2f}" in table
+    paper = format_text(build_tables(rows)[0]).splitlines()
+    assert paper[3].startswith("badnet") and paper[3].split()[-3:] == [f"{100 * summary[k]:.2f}" for k in
+                                                                       ("clean_acc", "asr", "der")]
+
+    (rec / "defense" / "ft" / "summary.json").write_text(json.dumps({**summary, "asr": 0.0}))
+    assert "summary.json does not match record.json" in format_runs(collect(tmp_path))
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "checkpoint.pt").write_bytes(b"")
+    assert any(r.record == "half" and r.problem == "unfinished" for r in collect(tmp_path))
+    expect_error(capsys, results_table.main, ["--record_dir", str(tmp_path / "nope")], "is not a folder")

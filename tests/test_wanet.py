@@ -7,12 +7,25 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
-from attack.wanet import (WaNet, apply_augment, augment_batch, batch_counts, crop, draw_augment_params,
-                          identity_grid, main, noise_grids, poison_batch, warp, warp_grid)
 from conftest import ROOT, TINY, expect_error, rebuild_and_defend, run_args
+
+from attack.wanet import (
+    WaNet,
+    apply_augment,
+    augment_batch,
+    batch_counts,
+    crop,
+    draw_augment_params,
+    identity_grid,
+    main,
+    noise_grids,
+    poison_batch,
+    warp,
+    warp_grid,
+)
 from utils.config import Config
-from utils.data import DATASETS, BatchLoader, ImageSet, Normalizer
+from utils.datasets import DATASETS, ImageSet
+from utils.loader import BatchLoader, Normalizer
 from utils.record import load_tensors, read_json
 from utils.train import build_scheduler
 
@@ -311,7 +324,7 @@ def test_end_to_end_then_d3_and_rebuild(tiny_data, tmp_path):
     # The fixed snapshot of the poisoned training set (BackdoorBench's, after training): one
     # unshuffled pass of batch_size batches, the backdoor and noise samples at each batch's head,
     # rebuilt the same from the record every time.
-    from utils.attack import load_attack_record, poisoned_train_set
+    from attack.record import load_attack_record, poisoned_train_set
     record = load_attack_record(rec)
     snapshot = poisoned_train_set(record, dataset)
     again = poisoned_train_set(record, dataset)

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from utils.data import ImageSet
+from utils.datasets import ImageSet
 from utils.errors import UserError
 
 TriggerFn = Callable[[torch.Tensor], torch.Tensor]  # uint8 [N,C,H,W] -> uint8 [N,C,H,W]

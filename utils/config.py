@@ -122,22 +122,36 @@ def _coerce(action: argparse.Action, key: str, value, source: Path):
         raise UserError(f"{source}: {key}={value!r} is not a valid value for --{key}") from None
 
 
-def resolve_config(parser: argparse.ArgumentParser, layers, argv=None) -> Config:
+def resolve_config(parser: argparse.ArgumentParser, layers, argv=None, ignored: dict | None = None,
+                   dropped: list | None = None) -> Config:
     """Parse flags, then merge, each over the one before: :data:`COMMON_DEFAULTS`, ``layers`` (YAML
     paths or dicts, or a callable taking the parsed flags and returning them), ``--yaml_path`` and
-    the flags."""
+    the flags. ``ignored``: settings the script has no use for; a value the user gives for one (a flag,
+    abbreviated or not, or a key of ``--yaml_path``) is left out of the config and its name appended
+    to ``dropped``, for the script to log."""
     args = vars(parser.parse_args(argv))
     actions = {a.dest: a for a in parser._actions}
+    ignored = ignored or {}
+    user_given = []
+    for key in [k for k in args if k in ignored]:
+        args.pop(key)
+        user_given.append(key)
     layers = list(layers(args) if callable(layers) else layers)
     if "yaml_path" in args:
         layers.append(Path(args["yaml_path"]))
     merged: dict = {k: v for k, v in COMMON_DEFAULTS.items() if k in actions}
-    for layer in layers:
+    for i, layer in enumerate(layers):
         source = Path(layer) if not isinstance(layer, dict) else Path("<record>")
+        from_user = "yaml_path" in args and i == len(layers) - 1
         for key, value in (layer.items() if isinstance(layer, dict) else _read_yaml(source).items()):
             if key not in actions:
                 raise UserError(f"{source}: unknown setting {key!r} (see --help for the accepted flags)")
+            if from_user and key in ignored:
+                user_given.append(key)
+                continue
             merged[key] = _coerce(actions[key], key, value, source)
+    if dropped is not None:
+        dropped.extend(dict.fromkeys(user_given))
     merged.update(args)
     for key, value in merged.items():
         _check_finite(actions[key], key, value)

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from utils.backdoor import BackdoorTestSet
-from utils.data import ImageSet, Normalizer
+from utils.datasets import ImageSet
+from utils.loader import Normalizer
 from utils.metrics import accuracy
 
 

@@ -38,3 +38,8 @@ TABLE_KEYS = frozenset(flags_with("table"))
 # What a defense takes from the attack record's config rather than from its own flags: the record's
 # data and model, and the augmentation its model was trained with.
 INHERITED_KEYS = ("dataset", "model", "random_crop_padding", "random_hflip")
+
+
+def portable(cfg, local_keys: tuple[str, ...] = ()) -> dict:
+    """The configuration as a record keeps it: without machine-local settings."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in LOCAL_KEYS + local_keys}

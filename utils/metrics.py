@@ -6,8 +6,12 @@ RA  = fraction of the backdoor test set classified as its true label (robust acc
 DER = (max(0, dASR) - max(0, dACC) + 1) / 2                    (D3 paper, Eq. 5)
       with dASR = ASR_before - ASR_after and dACC = ACC_before - ACC_after, the drops that a
       defense causes; 1 is a perfect defense, 0.5 one that changes nothing.
+
+``mean`` averages such figures (over seeds, over attacks): None when there is none to average.
 """
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 
@@ -24,3 +28,10 @@ def der(acc_before: float, asr_before: float, acc_after: float, asr_after: float
     delta_asr = asr_before - asr_after
     delta_acc = acc_before - acc_after
     return (max(0.0, delta_asr) - max(0.0, delta_acc) + 1.0) / 2.0
+
+
+def mean(values: Iterable[float]) -> float | None:
+    """The arithmetic mean of ``values`` (any iterable, read once), or None when there are none: a
+    missing figure, never a made-up 0."""
+    values = list(values)
+    return sum(values) / len(values) if values else None

@@ -244,19 +244,3 @@ def check_schema(meta: dict, path: Path, kind: str) -> None:
         raise damaged("its file list holds something other than plain file names and their SHA-256")
 
 
-def load_model(folder: Path) -> torch.nn.Module:
-    """The model of a finished attack record or defense output, verified and rebuilt from data only:
-    the model name (and, for a wrapped model such as PDB's, the wrapper) from its ``record.json``, the
-    weights and buffers from ``model.safetensors``, loaded strictly. No code in the folder runs."""
-    from models import create_model
-    from models.defensive import wrap_model
-    kind = read_json(Path(folder) / "record.json").get("kind") if (Path(folder) / "record.json").is_file() else None
-    if kind not in ("attack", "defense"):
-        raise UserError(f"{folder} holds no finished attack record or defense output (no record.json of either kind)")
-    meta = read_manifest(folder, kind)
-    data = meta["dataset"]
-    model = create_model(meta["model"], data["num_classes"], pretrained=False)  # the saved weights follow
-    if meta.get("model_wrapper"):
-        model = wrap_model(meta["model_wrapper"], model, data["num_classes"], data["image_size"])
-    load_into(model, load_tensors(Path(folder) / "model.safetensors"), str(Path(folder) / "model.safetensors"))
-    return model.eval()

@@ -1,6 +1,6 @@
 """What BackdoorBench's test-set rules would have chosen for ANP and FP on a finished defense output.
 
-    python sh/test_set_rule.py --record_dir record --result_file badnet_demo --dataset_path DATA
+    python tools/test_set_rule.py --record_dir record --result_file badnet_demo --dataset_path DATA
 
 An analysis for comparison, never a defense: it reads the clean and backdoor test sets, which no
 defense here may. ANP and FP choose on held-out clean data (``defense/anp.py``, ``defense/fp.py``);
@@ -20,24 +20,22 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import defense.anp as anp  # noqa: E402
-import defense.fp as fp  # noqa: E402
-from models import create_model  # noqa: E402
-from utils.attack import load_attack_record, load_train_set, rebuild_backdoor_test  # noqa: E402
-from utils.config import resolve_device  # noqa: E402
-from utils.data import Normalizer, load_dataset  # noqa: E402
-from utils.errors import UserError  # noqa: E402
-from utils.evaluate import Evaluator, predict  # noqa: E402
-from utils.metrics import accuracy  # noqa: E402
-from utils.progress import progress  # noqa: E402
-from utils.record import load_into, load_tensors, read_json, read_yaml  # noqa: E402
-from utils.runner import cli_main, place_model  # noqa: E402
+import defense.anp as anp
+import defense.fp as fp
+from attack.record import load_attack_record, load_train_set, rebuild_backdoor_test
+from models import create_model
+from utils.cli import cli_main
+from utils.config import resolve_device
+from utils.device import place_model
+from utils.errors import UserError
+from utils.evaluate import Evaluator, predict
+from utils.loader import Normalizer
+from utils.metrics import accuracy
+from utils.progress import progress
+from utils.record import load_into, load_tensors, read_json, read_yaml
+from utils.sources import load_dataset
 
 
 def anp_rule(model, out: Path, evaluate) -> str:

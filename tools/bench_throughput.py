@@ -5,29 +5,26 @@ sample into a PIL image and run torchvision's RandomCrop(32, padding=4), RandomH
 ToTensor and Normalize, then copy the batch to the device. Both sides train the same model with
 the same step (SGD, bf16 autocast and channels_last on CUDA), so only the data path differs.
 
-    python sh/bench_throughput.py --dataset_path ../shared/data/cifar10-jpeg.zip [--steps 100]
+    python tools/bench_throughput.py --dataset_path ../shared/data/cifar10-jpeg.zip [--steps 100]
 
 ``--models a,b,c`` instead measures each model's training and evaluation images/s on the
 device-resident pipeline (batch 128 for training, the evaluator's 512 for evaluation), side by side:
 
-    python sh/bench_throughput.py --dataset_path ... --models preactresnet18_w16,vgg19_bn_w16,vit_tiny_test
+    python tools/bench_throughput.py --dataset_path ... --models preactresnet18_w16,vgg19_bn_w16,vit_tiny_test
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from models import create_model  # noqa: E402
-from utils.data import BatchLoader, Normalizer, load_dataset  # noqa: E402
-from utils.evaluate import predict  # noqa: E402
-from utils.runner import place_model  # noqa: E402
+from models import create_model
+from utils.device import place_model
+from utils.evaluate import predict
+from utils.loader import BatchLoader, Normalizer
+from utils.sources import load_dataset
 
 
 def train_steps(model, optimizer, batches, steps: int, device) -> float:

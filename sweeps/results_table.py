@@ -1,8 +1,8 @@
 """Build the D3 paper's tables from a folder of records (or one record's folder).
 
-    python sh/results_table.py --record_dir record
-    python sh/results_table.py --record_dir record --out results/table1 --paper
-    python sh/results_table.py --record_dir record/badnet_demo --runs
+    python sweeps/results_table.py --record_dir record
+    python sweeps/results_table.py --record_dir record --out results/table1 --paper
+    python sweeps/results_table.py --record_dir record/badnet_demo --runs
 
 Nothing is re-run: every attack and defense ``summary.json`` under the folder is read (each checked
 against the SHA-256 in its ``record.json``; unfinished, damaged or stale runs are listed as problems
@@ -20,14 +20,15 @@ learning rate and training subset are the preset's).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from utils.results import build_tables, collect, format_runs, format_text, paper_table, write_tables  # noqa: E402
-from utils.runner import cli_main  # noqa: E402
-from utils.sweep import PRESETS, preset_made  # noqa: E402
+from sweeps.collect import collect
+from sweeps.formats import format_runs, format_text
+from sweeps.grouping import build_tables
+from sweeps.paper import paper_table
+from sweeps.presets import PRESETS, preset_made
+from sweeps.table_files import write_tables
+from utils.cli import cli_main
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -1,11 +1,11 @@
 """Run a sweep: every attack, then every defense on each attack record, for each seed.
 
-    python sh/launch.py --attacks badnet,blended --defenses all --preset cpu --device cpu \\
+    python sweeps/launch.py --attacks badnet,blended --defenses all --preset cpu --device cpu \\
         --dataset_path ../shared/data/cifar10-jpeg.zip
-    python sh/launch.py --attacks all --defenses all --seeds 0,1,2 --gpus all         # one job per GPU
-    python sh/launch.py --attacks all --defenses all --executor slurm --slurm_partition gpu
+    python sweeps/launch.py --attacks all --defenses all --seeds 0,1,2 --gpus all     # one job per GPU
+    python sweeps/launch.py --attacks all --defenses all --executor slurm --slurm_partition gpu
 
-``sh/sweep.sh`` and ``sh/table1.sh`` call this; ``python sh/results_table.py`` builds the table
+``sh/sweep.sh`` and ``sh/table1.sh`` call this; ``python sweeps/results_table.py`` builds the table
 afterwards. Jobs run the scripts by path, each with its log under ``<record_dir>/_logs/``. A job
 whose output is already a finished run is skipped, an interrupted one is resumed, so the same command
 continues a stopped sweep. A line per finished job gives its wall time and figures; a failed job
@@ -15,7 +15,7 @@ Executors: ``pool`` (default) runs on this machine, one job per ``--gpus`` entry
 GPU) or ``--jobs`` at a time without GPUs; ``slurm`` submits two job arrays through submitit (the
 attacks, then the defenses after them); ``local`` is submitit's local executor (every job of an
 array at once; meant for tests). Presets (``--preset``) set the model and the schedules; see
-``utils/sweep.py``.
+``sweeps/presets.py``.
 """
 from __future__ import annotations
 
@@ -25,13 +25,14 @@ import shlex
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from utils.errors import UserError  # noqa: E402
-from utils.runner import cli_main  # noqa: E402
-from utils.sweep import (PAPER_ATTACKS, PAPER_DEFENSES, PRESETS, Progress, Sweep, choose, run_pool,  # noqa: E402
-                         run_submitit)
+from sweeps.executors import run_pool, run_submitit
+from sweeps.jobs import Sweep, choose
+from sweeps.paper import PAPER_ATTACKS, PAPER_DEFENSES
+from sweeps.presets import PRESETS
+from sweeps.progress import Progress
+from utils.cli import cli_main
+from utils.config import ROOT
+from utils.errors import UserError
 
 DEFAULT_RESOURCES = ROOT.parent / "shared" / "data" / "backdoorbench-resource"
 
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             run_pool(jobs, _slots(args.gpus, args.jobs), progress)
         else:
             import submitit
-            # The tasks unpickle utils.sweep.run_job, so they need this checkout on their path.
+            # The tasks unpickle sweeps.executors.run_job, so they need this checkout on their path.
             os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
             folder = Path(args.submitit_dir or sweep.record_dir / "_submitit")
             executor = submitit.AutoExecutor(folder=folder / "%j", cluster=args.executor)
