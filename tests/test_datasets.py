@@ -1,10 +1,13 @@
-"""GTSRB and Tiny-ImageNet: each accepted layout, written small in tmp_path, loads into BackdoorBench's
+"""Loading datasets (utils/sources.py, readers.py, layouts.py). CIFAR-10's pickles and a zipped image
+tree give the same pixels; the cache is written once; a missing or tampered source is one line.
+GTSRB and Tiny-ImageNet: each accepted layout, written small in tmp_path, loads into BackdoorBench's
 tensors (GTSRB resized whole with PIL bilinear to 32x32, class = numeric id; Tiny-ImageNet 64x64,
 class = sorted wnid, the validation set as test set), once, from the cache afterwards; a broken
 folder is one error line naming the file. Ends with an attack and a defense at 43 classes."""
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import zipfile
 from pathlib import Path
@@ -428,3 +431,53 @@ def test_offline_first_run_says_what_to_place_where(monkeypatch, tmp_path):
     assert "cifar-10-batches-py/" in message and "train/<class>/" in message and ".zip" in message
     assert "\n" not in message
     assert not (tmp_path / "data").exists()  # no empty folder left behind
+
+
+def test_pickle_layout_loads_exact_pixels(tiny_data, tmp_path):
+    ds = load_dataset("cifar10", tiny_data["pickles"], cache_dir=tmp_path)
+    assert ds.train.images.dtype == torch.uint8 and ds.train.images.shape == (200, 3, 32, 32)
+    assert np.array_equal(ds.train.images.numpy(), tiny_data["x_train"])
+    assert np.array_equal(ds.test.labels.numpy(), tiny_data["y_test"])
+    assert ds.classes[0] == "airplane" and len(ds.classes) == 10
+
+
+def test_zip_image_folder_holds_the_same_pixels(tiny_data, tmp_path):
+    """PNG is lossless: the zipped tree gives the pickles' images, ordered by class then file name."""
+    from_zip = load_dataset("cifar10", tiny_data["zip"], cache_dir=tmp_path)
+    assert from_zip.classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                                "truck"]
+    order = np.argsort(tiny_data["y_train"], kind="stable")
+    assert np.array_equal(from_zip.train.images.numpy(), tiny_data["x_train"][order])
+    assert np.array_equal(from_zip.train.labels.numpy(), tiny_data["y_train"][order])
+    assert from_zip.fingerprint != load_dataset("cifar10", tiny_data["pickles"], cache_dir=tmp_path).fingerprint
+
+
+def test_cache_is_written_once_and_reused(tiny_data, tmp_path, monkeypatch):
+    load_dataset("cifar10", tiny_data["zip"], cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("cifar10-*.safetensors"))) == 1
+    import utils.sources as sources
+    monkeypatch.setattr(sources, "_decode", lambda *a: (_ for _ in ()).throw(AssertionError("decoded again")))
+    again = load_dataset("cifar10", tiny_data["zip"], cache_dir=tmp_path)
+    assert len(again.train) == 200
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="no cifar10 data found"):
+        load_dataset("cifar10", tmp_path / "nowhere.zip", cache_dir=tmp_path)
+    with pytest.raises(UserError, match="no cifar10 data found"):
+        load_dataset("cifar10", tmp_path / "empty_dir", cache_dir=tmp_path, download=False)
+    with pytest.raises(UserError, match="unknown dataset"):
+        load_dataset("mnist", tmp_path, cache_dir=tmp_path)
+
+
+def test_tampered_pickle_is_refused(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(pickle.dumps({"data": Payload(), "labels": [0]}))
+    with pytest.raises(UserError, match="not a readable CIFAR batch"):
+        load_dataset("cifar10", tmp_path, cache_dir=tmp_path / "cache", download=False)
+    assert not (tmp_path / "pwned").exists()
