@@ -34,6 +34,7 @@ throughout; whether bf16 changes the results is not yet measured here.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from copy import deepcopy
 
@@ -75,9 +76,30 @@ def check_settings(cfg, model) -> None:
         raise UserError(f"--pruning_by {cfg.pruning_by!r}; choose threshold or number")
     if cfg.pruning_by == "number" and not cfg.pruning_number:
         raise UserError("--pruning_by number needs --pruning_number N")
+    if cfg.anp_eps < 0:
+        raise UserError(f"--anp_eps {cfg.anp_eps}: the noise budget is a size, 0 or more (BackdoorBench: 0.4)")
     check_range("anp_alpha", cfg.anp_alpha, 0.0, 1.0, low_open=False)
     check_range("acc_ratio", cfg.acc_ratio, 0.0, 1.0, low_open=False)
     check_range("val_ratio", cfg.val_ratio, 0.0, 1.0)
+
+
+class MaskRounds:
+    """ANP's ``nb_iter`` mask batches in rounds of ``print_every`` (one metrics row each), the last
+    round holding what is left, so exactly ``nb_iter`` batches run, as BackdoorBench's loop does."""
+
+    def __init__(self, loader, nb_iter: int, per_round: int):
+        self.loader, self.nb_iter, self.per_round, self.epoch = loader, nb_iter, per_round, 0
+        self.rounds = math.ceil(nb_iter / per_round)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.loader.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return min(self.per_round, self.nb_iter - self.epoch * self.per_round)
+
+    def __iter__(self):
+        return itertools.islice(iter(self.loader), len(self))
 
 
 class NeuronMask(nn.Module):
@@ -179,8 +201,8 @@ def purify(model, clean, cfg, report):
     train, held_out = clean.split(cfg.val_ratio, cfg.random_seed)
     net, switch, masks, noises = perturbable_copy(model)
     optimizer = torch.optim.SGD(list(masks.values()), lr=cfg.lr, momentum=cfg.sgd_momentum)
-    rounds = math.ceil(cfg.nb_iter / cfg.print_every)
-    loader = train.loader(cfg.batch_size, cfg.random_seed, num_batches=cfg.print_every)
+    loader = MaskRounds(train.loader(cfg.batch_size, cfg.random_seed, num_batches=cfg.print_every), cfg.nb_iter,
+                        cfg.print_every)
 
     def clip_masks():
         with torch.no_grad():
@@ -189,7 +211,7 @@ def purify(model, clean, cfg, report):
 
     fit(net, loader, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
         lambda net, x, y: anp_loss(net, switch, noises, x, y, cfg.anp_eps, cfg.anp_steps, cfg.anp_alpha),
-        epochs=rounds, amp=cfg.amp, after_step=clip_masks, on_epoch_end=report, desc="anp masks")
+        epochs=loader.rounds, amp=cfg.amp, after_step=clip_masks, on_epoch_end=report, desc="anp masks")
     report.save_tensors("anp_mask_values.safetensors", {name: m.detach().cpu() for name, m in masks.items()})
 
     ranking = ranked_neurons(masks)

@@ -12,6 +12,7 @@ from conftest import copy_record, expect_error, leaks, run_args
 from defense.base import DefenderData
 from models import create_model
 from utils.datasets import DatasetSpec, ImageSet
+from utils.loader import BatchLoader, Normalizer
 from utils.record import load_tensors
 
 anp = importlib.import_module("defense.anp")
@@ -106,6 +107,21 @@ def test_anp_masks_stay_in_unit_interval_and_noise_only_acts_when_perturbed():
     assert all(p.grad is None for n, p in net.named_parameters() if "original" in n)  # the model stays fixed
 
 
+@pytest.mark.parametrize("nb_iter,per_round,rows", [(3, 2, [2, 1]), (1, 500, [1]), (4, 2, [2, 2])])
+def test_anp_runs_exactly_nb_iter_batches_in_rounds(nb_iter, per_round, rows):
+    """BackdoorBench's loop runs --nb_iter batches and reports every --print_every: the last round
+    holds what is left (``--nb_iter 1 --print_every 500`` once ran 500)."""
+    data = ImageSet(torch.zeros(8, 3, 4, 4, dtype=torch.uint8), torch.zeros(8, dtype=torch.long))
+    inner = BatchLoader(data, 2, Normalizer((0, 0, 0), (1, 1, 1), "cpu"), device="cpu", num_batches=per_round)
+    loader = anp.MaskRounds(inner, nb_iter, per_round)
+    counts = []
+    for epoch in range(loader.rounds):
+        loader.set_epoch(epoch)
+        counts.append(sum(1 for _ in loader))
+        assert counts[-1] == len(loader)
+    assert counts == rows and sum(counts) == nb_iter
+
+
 def test_fp_prunes_in_ascending_order_of_mean_activation_and_zeroes_the_channels():
     layer = nn.Linear(4, 2)
     model = nn.Sequential(nn.Flatten(), layer)
@@ -125,6 +141,7 @@ def test_fp_prunes_in_ascending_order_of_mean_activation_and_zeroes_the_channels
 @pytest.mark.parametrize("name,extra,pattern", [
     ("fp", ["--prune_layer", "layer4"], "--prune_layer 'layer4' is not a Linear layer"),
     ("anp", ["--pruning_by", "number"], "needs --pruning_number"),
+    ("anp", ["--anp_eps", "-1"], "--anp_eps -1.0: the noise budget is a size"),
 ])
 def test_bad_settings_are_one_clear_line(capsys, tiny_data, tiny_record, tmp_path, name, extra, pattern):
     copy_record(tiny_record, tmp_path)
