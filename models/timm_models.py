@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from utils.errors import UserError
 from utils.record import load_weights
+from utils.vision import import_vision
 
 
 def pretrained_file(model: str, pretrained: bool | None, pretrained_path, weights: str, note: str = ""):
@@ -68,7 +69,7 @@ def load_pretrained(model: nn.Module, path, classifier: tuple[str, ...], weights
 def create_timm_model(name: str, num_classes: int, pretrained_path=None, img_size: int | None = None,
                       pretrained: bool | None = None) -> nn.Module:
     """``timm/<name>`` in the registry. ``pretrained``: see :func:`pretrained_file`."""
-    import timm  # takes seconds: only when a timm model is asked for
+    timm = import_vision("timm")  # takes seconds: only when a timm model is asked for
 
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3)

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from models.registry import ModelLayers, register_model
 from models.timm_models import load_pretrained, pretrained_file
+from utils.vision import import_vision
 
 VIT_B_16_WEIGHTS = ("torchvision's ViT_B_16_Weights.IMAGENET1K_V1 file vit_b_16-c867db91.pth "
                     "(https://download.pytorch.org/models/vit_b_16-c867db91.pth)")
@@ -66,8 +67,8 @@ class Resize(nn.Module):
 
 
 def _vision_transformer(**kw):
-    from torchvision.models import VisionTransformer  # imported here: torchvision takes seconds to import
-    return VisionTransformer(**kw)
+    # imported here: torchvision takes seconds to import
+    return import_vision("torchvision.models").VisionTransformer(**kw)
 
 
 def _vit(net: nn.Module, num_classes: int, pretrained_path, weights: str) -> nn.Sequential:

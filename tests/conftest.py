@@ -194,3 +194,13 @@ def linear_names(model: nn.Module) -> list[str]:
 
 def d3_args(tiny_data, root, *extra):
     return ["--result_file", "badnet", *run_args(tiny_data, root), "--ratio", "0.5", *extra]
+
+
+def pytest_configure(config):
+    """A torch/torchvision pair that does not match stops the suite with one line, not a traceback at
+    collection (utils/vision.py)."""
+    try:
+        import torchvision  # noqa: F401
+    except RuntimeError as e:
+        from utils.vision import mismatch_message
+        pytest.exit(mismatch_message(e), returncode=2)

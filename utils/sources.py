@@ -40,7 +40,7 @@ from utils.datasets import Dataset, DatasetSpec, ImageSet, get_spec, tensor_fing
 from utils.errors import UserError
 from utils.layouts import gtsrb_dirs, gtsrb_test_csv, read_gtsrb, read_tiny
 from utils.readers import CIFAR10_TRAIN_BATCHES, has_dir, read_cifar10_pickles, read_image_tree, split_entries
-
+from utils.vision import import_vision
 
 CACHE_VERSION = 1
 
@@ -143,7 +143,7 @@ def _decode(spec: DatasetSpec, kind: str, location: Path):
 
 
 def _download_cifar10(path: Path) -> None:
-    import torchvision  # imported here: only the download needs it
+    torchvision = import_vision()  # imported here: only the download needs it
     created = not path.exists()
     try:
         torchvision.datasets.CIFAR10(root=str(path), train=True, download=True)
