@@ -99,6 +99,7 @@ from utils.errors import UserError
 from utils.loader import BatchLoader, Normalizer
 from utils.logs import run_logger
 from utils.progress import progress
+from utils.readers import read_npy
 from utils.record import load_into, load_tensors, load_weights, save_tensors, sha256_file, write_json
 from utils.sources import cache_root
 from utils.train import build_optimizer, build_scheduler, cross_entropy_loss, fit
@@ -107,7 +108,6 @@ PATTERN_RANGE = 51.0  # 0.2 * 255: the paper's normalisation, the range of Backd
 GENERATOR_VERSION = 1  # part of the cache key: bump when the generator's output changes
 TRAIN_KEYS = ("epochs", "batch_size", "lr", "lr_scheduler", "steplr_milestones", "steplr_stepsize", "steplr_gamma",
               "client_optimizer", "sgd_momentum", "wd", "random_seed", "random_crop_padding", "random_hflip", "amp")
-NPY_MAGIC = b"\x93NUMPY"
 
 
 def bb_file_name(dataset: str, model: str) -> str:
@@ -163,23 +163,7 @@ def resolve_pattern_path(value: str, dataset: str, model: str) -> Path:
 def read_pattern_file(path: Path, image_size: int) -> np.ndarray:
     """A BackdoorBench low-frequency trigger as a finite numeric H x W x 3 array, shapes handled as
     BackdoorBench's bd_attack_generate.py does; one-line errors for anything else."""
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(len(NPY_MAGIC))
-    except OSError as e:
-        raise UserError(f"cannot read trigger file {path} ({e.strerror or e})") from None
-    if magic != NPY_MAGIC:
-        raise UserError(f"trigger file {path} is not a .npy file (no NumPy header); save the H x W x C pattern "
-                        f"with numpy.save")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except ValueError as e:
-        if "allow_pickle" in str(e):
-            raise UserError(f"refused trigger file {path}: it holds pickled Python objects, which could run code "
-                            f"when loaded; give a plain numeric array (H x W x C)") from None
-        raise UserError(f"cannot read trigger file {path} ({e}); the file is damaged") from None
-    except Exception as e:  # noqa: BLE001 - truncated or damaged file: the user needs the same advice
-        raise UserError(f"cannot read trigger file {path} ({type(e).__name__}: {e}); the file is damaged") from None
+    arr = read_npy(path, f"trigger file {path}", "save the H x W x C pattern as a plain numeric array with numpy.save")
     if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "uif":
         raise UserError(f"trigger file {path} holds {getattr(arr, 'dtype', type(arr).__name__)} values; a trigger "
                         f"must be numbers (BackdoorBench's are uint8 0..255)")

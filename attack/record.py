@@ -2,6 +2,7 @@
 training set and the backdoor test set rebuilt from the stored trigger (cached when slow to make)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from utils.record import (
     load_tensors,
     read_json,
     read_manifest,
+    read_summary,
     read_yaml,
     save_tensors,
     sha256_file,
@@ -67,8 +69,41 @@ def load_attack_record(record_dir: Path) -> AttackRecord:
         if expected != named:
             raise UserError(f"{record_dir / 'record.json'} names {named!r} where {what} is {expected!r}; the record "
                             f"is damaged or was edited: rerun the attack that wrote it")
-    return AttackRecord(record_dir, meta, read_json(record_dir / "summary.json"), config,
-                        sha256_file(record_dir / "record.json"))
+    summary = read_summary(record_dir / "summary.json")
+    check_record_tensors(record_dir, meta)
+    return AttackRecord(record_dir, meta, summary, config, sha256_file(record_dir / "record.json"))
+
+
+def check_record_tensors(record_dir: Path, meta: dict) -> None:
+    """The record's tensor files parse as safetensors (a pickle in their place is refused, never
+    run) and its indices are 1-D integer tensors: a file whose hash was re-sealed after an edit is
+    caught here, before the defense claims its output, even where this defense never reads it."""
+    load_tensors(record_dir / "trigger.safetensors")
+    path = record_dir / "indices.safetensors"
+    indices = load_tensors(path)
+    needed = ["train_poison_index", "test_backdoor_index"]
+    if meta["dataset"].get("train_subset") is not None:
+        needed.append("train_subset_index")
+    for key in needed:
+        index = indices.get(key)
+        if index is None or index.dim() != 1 or index.dtype not in (torch.int64, torch.int32):
+            raise UserError(f"{path} holds no {key} as a 1-D integer tensor; the record is damaged or was edited: "
+                            f"rerun the attack that wrote it")
+
+
+@contextmanager
+def stored_trigger(record_dir: Path, attack, files: str = "trigger.safetensors"):
+    """Apply the record's stored trigger (and indices): an artifact missing or of the wrong shape (an
+    edited file, its hash re-sealed) becomes one line naming the record, not a traceback."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (KeyError, IndexError, RuntimeError, ValueError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"cannot apply the {attack.name} trigger stored in {record_dir}/{files} ({type(e).__name__}: "
+                        f"{first}); the record is damaged or was edited, or the attack code changed: rerun the "
+                        f"attack that wrote it") from None
 
 
 def load_train_set(record: AttackRecord, dataset: Dataset) -> Dataset:
@@ -91,9 +126,10 @@ def poisoned_train_set(record: AttackRecord, dataset: Dataset) -> ImageSet:
     meta, attack = record.meta, get_attack(record.meta["attack"])
     artifacts = load_tensors(record.dir / "trigger.safetensors")
     poison_index = load_tensors(record.dir / "indices.safetensors")["train_poison_index"]
-    poisoned = poison_train_set(dataset.train, poison_index, train_trigger_function(attack, artifacts),
-                                meta["attack_label_trans"], meta["attack_target"], dataset.spec.num_classes,
-                                relabel=not attack.clean_label, indexed=attack.indexed_trigger)
+    with stored_trigger(record.dir, attack, "{trigger,indices}.safetensors"):
+        poisoned = poison_train_set(dataset.train, poison_index, train_trigger_function(attack, artifacts),
+                                    meta["attack_label_trans"], meta["attack_target"], dataset.spec.num_classes,
+                                    relabel=not attack.clean_label, indexed=attack.indexed_trigger)
     if tensor_fingerprint(poisoned.images, poisoned.labels) != meta["poisoned_train_fingerprint"]:
         raise UserError(f"the poisoned training set rebuilt from {record.dir} does not match the one the attack "
                         f"trained on; the record or the attack code changed")
@@ -123,8 +159,9 @@ def rebuild_backdoor_test(meta: dict, record_dir: Path, dataset: Dataset, cache_
     bd = load_cached_set(cache, expected) if cache is not None else None
     if bd is None:
         artifacts = load_tensors(record_dir / "trigger.safetensors")
-        bd = backdoor_test_set(dataset.test, trigger_function(attack, artifacts), meta["attack_label_trans"],
-                               meta["attack_target"], dataset.spec.num_classes, indexed=attack.indexed_trigger)
+        with stored_trigger(record_dir, attack):
+            bd = backdoor_test_set(dataset.test, trigger_function(attack, artifacts), meta["attack_label_trans"],
+                                   meta["attack_target"], dataset.spec.num_classes, indexed=attack.indexed_trigger)
         if backdoor_test_fingerprint(bd) != expected:
             raise UserError(f"the backdoor test set rebuilt from {record_dir} does not match the one the attack "
                             f"used; the record or the attack code changed")
@@ -162,13 +199,20 @@ def load_model(folder: Path) -> torch.nn.Module:
     """The model of a finished attack record or defense output, verified and rebuilt from data only:
     the model name (and, for a wrapped model such as PDB's, the wrapper) from its ``record.json``, the
     weights and buffers from ``model.safetensors``, loaded strictly. No code in the folder runs."""
-    kind = read_json(Path(folder) / "record.json").get("kind") if (Path(folder) / "record.json").is_file() else None
+    manifest = Path(folder) / "record.json"
+    found = read_json(manifest) if manifest.is_file() else {}
+    if not isinstance(found, dict):
+        raise UserError(f"{manifest} is not a record manifest; the record is damaged")
+    kind = found.get("kind")
     if kind not in ("attack", "defense"):
         raise UserError(f"{folder} holds no finished attack record or defense output (no record.json of either kind)")
     meta = read_manifest(folder, kind)
     data = meta["dataset"]
-    model = create_model(meta["model"], data["num_classes"], pretrained=False)  # the saved weights follow
-    if meta.get("model_wrapper"):
-        model = wrap_model(meta["model_wrapper"], model, data["num_classes"], data["image_size"])
+    try:
+        model = create_model(meta["model"], data["num_classes"], pretrained=False)  # the saved weights follow
+        if meta.get("model_wrapper"):
+            model = wrap_model(meta["model_wrapper"], model, data["num_classes"], data["image_size"])
+    except UserError as e:  # a name this toolkit does not have: say which file names it
+        raise UserError(f"{manifest}: {e}; the record is damaged or was written by another toolkit") from None
     load_into(model, load_tensors(Path(folder) / "model.safetensors"), str(Path(folder) / "model.safetensors"))
     return model.eval()

@@ -113,6 +113,7 @@ from utils.datasets import tensor_fingerprint
 from utils.errors import UserError
 from utils.logs import run_logger
 from utils.progress import progress
+from utils.readers import read_npy
 from utils.record import load_tensors, save_tensors, write_json
 from utils.sources import cache_root
 
@@ -414,17 +415,10 @@ def read_replace_npy(path_str: str, flag: str, count: int, spec) -> np.ndarray:
     """A BackdoorBench poisoned-image file as a read-only uint8 N x H x W x C array (memory-mapped),
     checked against the dataset; one-line errors otherwise."""
     path = Path(path_str).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"--{flag} {path} does not exist; give BackdoorBench's poisoned images as a .npy file")
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as e:
-        if "allow_pickle" in str(e):
-            raise UserError(f"refused --{flag} {path}: it holds pickled Python objects, which could run code when "
-                            f"loaded; give a plain uint8 array") from None
-        raise UserError(f"cannot read --{flag} {path} as a .npy file ({e})") from None
-    except Exception as e:  # noqa: BLE001 - damaged or not a .npy: the same advice
-        raise UserError(f"cannot read --{flag} {path} as a .npy file ({type(e).__name__}: {e})") from None
+    arr = read_npy(path, f"--{flag} {path}", "give BackdoorBench's poisoned images as a plain uint8 .npy array "
+                   "(numpy.save)", mmap=True)
     want = (count, spec.image_size, spec.image_size, 3)
     if not isinstance(arr, np.ndarray) or arr.dtype != np.uint8 or arr.shape != want:
         got = f"{getattr(arr, 'dtype', type(arr).__name__)} {'x'.join(map(str, getattr(arr, 'shape', ())))}"

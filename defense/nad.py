@@ -27,8 +27,10 @@ classifier: for 32-pixel images that is VGG's 1x1 map copied to 7x7 by the adapt
 the ViT the resized input image itself, so their attention term is constant and NAD there is plain
 fine-tuning; here it distils feature maps that vary over positions. ``--nad_layers``
 takes up to three module names, paired in order with beta1..beta3 (the paper's own choice is
-``layer2,layer3,layer4`` with 500 / 1000 / 1000). ``--teacher_model_loc`` loads a teacher from a
-safetensors file instead of fine-tuning one.
+``layer2,layer3,layer4`` with 500 / 1000 / 1000). ``--teacher_model_loc`` takes a teacher instead of
+fine-tuning one: a defense output or attack record folder (its ``model.safetensors``, verified against
+its ``record.json``) or a ``.safetensors`` file; a torch pickle (``.pt``) is refused, since
+unpickling can run code.
 
 Where this differs from BackdoorBench, beyond the layers above:
     * BatchNorm: the single hooked pass of the student updates its running statistics once per
@@ -53,13 +55,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from attack.record import load_model
 from defense.base import Defense
 from defense.runner import run_defense
 from models import model_layers
 from utils.cli import cli_main
 from utils.config import require
 from utils.errors import UserError
-from utils.record import load_into, load_tensors
+from utils.record import is_torch_pickle, load_into, load_tensors
 from utils.train import build_optimizer, build_scheduler, cross_entropy_loss, fit, frozen_copy
 
 ATTENTION_EPS = 1e-6
@@ -74,7 +77,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--beta3", type=float, help="weight of the third layer's attention loss")
     parser.add_argument("--p", type=float, help="power of |activation| in the attention map")
     parser.add_argument("--teacher_model_loc", type=str,
-                        help="a teacher's weights (.safetensors) to use instead of fine-tuning one")
+                        help="a teacher to use instead of fine-tuning one: a defense output or attack record folder, "
+                        "or a .safetensors file (.pt pickles are refused: they can run code)")
 
 
 def attention_map(activation: torch.Tensor, p: float) -> torch.Tensor:
@@ -131,10 +135,28 @@ def attention_layers(cfg, model) -> list[str]:
     if missing:
         top = ", ".join(n for n in modules if n and "." not in n)
         raise UserError(f"--nad_layers: the model has no module {missing[0]!r}; its top-level modules are: {top}")
-    if cfg.teacher_model_loc and not Path(cfg.teacher_model_loc).is_file():
-        raise UserError(f"--teacher_model_loc {cfg.teacher_model_loc} not found; give a .safetensors file of a "
-                        f"{cfg.model} or leave it empty to fine-tune a teacher")
+    if cfg.teacher_model_loc:  # read and fitted now, before anything is written
+        load_into(frozen_copy(model), teacher_weights(cfg), cfg.teacher_model_loc)
     return layers
+
+
+def teacher_weights(cfg) -> dict[str, torch.Tensor]:
+    """The weights ``--teacher_model_loc`` names: a finished defense output or attack record folder (its
+    model, verified), or a ``.safetensors`` file. A torch pickle is refused unread."""
+    loc, path = cfg.teacher_model_loc, Path(cfg.teacher_model_loc)
+    hint = (f"give a defense output or attack record folder of a {cfg.model} (e.g. record/<name>/defense/ft) or its "
+            f"model.safetensors, or leave it out to fine-tune a teacher")
+    if path.is_dir():
+        return load_model(path).state_dict()
+    if not path.is_file():
+        raise UserError(f"--teacher_model_loc {loc} not found; {hint}")
+    if is_torch_pickle(path):
+        raise UserError(f"--teacher_model_loc {loc} is a torch pickle (.pt): refused unread, since unpickling can "
+                        f"run code; {hint}")
+    try:
+        return load_tensors(path)
+    except UserError as e:
+        raise UserError(f"--teacher_model_loc: {e}") from None
 
 
 def purify(model, clean, cfg, report):
@@ -144,7 +166,7 @@ def purify(model, clean, cfg, report):
 
     teacher = frozen_copy(model)
     if cfg.teacher_model_loc:
-        load_into(teacher, load_tensors(Path(cfg.teacher_model_loc)), cfg.teacher_model_loc)
+        load_into(teacher, teacher_weights(cfg), cfg.teacher_model_loc)
     else:
         teacher.requires_grad_(True)
         optimizer = build_optimizer(teacher.parameters(), cfg)

@@ -11,17 +11,8 @@ from attack.record import AttackRecord, load_attack_record, load_train_set, pois
 from defense.base import DefenderData, Defense, read_index_file, reserved_indices
 from models import create_model, new_model
 from utils.checkpoint import CHECKPOINT, Checkpoint
-from utils.config import (
-    CONFIG_DIR,
-    add_common_arguments,
-    check_range,
-    check_training,
-    new_parser,
-    require,
-    resolve_config,
-    resolve_device,
-    seed_everything,
-)
+from utils.config import (CONFIG_DIR, add_common_arguments, check_range, check_training, new_parser, require,
+                          resolve_config, resolve_device, seed_everything)
 from utils.datasets import ImageSet
 from utils.device import place_model
 from utils.errors import UserError
@@ -131,7 +122,7 @@ def run_defense(defense: Defense, argv=None) -> Path:
             raise UserError("missing --result_file: name the attack record to defend (record/<name>/)")
         loaded.append(load_attack_record(Path(args.get("record_dir", "record")) / args["result_file"]))
         inherited = {k: loaded[0].config[k] for k in INHERITED_KEYS if k in loaded[0].config}
-        return [inherited] + ([base] if base.is_file() else [])
+        return [(loaded[0].dir / "config.yaml", inherited)] + ([base] if base.is_file() else [])
 
     dropped: list[str] = []
     cfg = resolve_config(parser, layers, argv, ignored=defense.ignored_flags, dropped=dropped)

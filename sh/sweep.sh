@@ -35,8 +35,14 @@ args=(--attacks "$ATTACKS" --defenses "$DEFENSES" --preset "$PRESET" --dataset "
 
 python sweeps/launch.py "${args[@]}" "$@"
 status=$?
-if [ "$status" -eq 2 ]; then exit 2; fi  # bad input: the launcher said what, nothing ran
-if [ "$status" -eq 130 ]; then exit 130; fi  # interrupted: the same command resumes; the table comes at the end
+# The table follows a finished sweep (0) or one where some job failed (1: the table of what finished).
+# Any other code writes no table over the one there: 2 is bad input or a sweep already running on
+# RECORD_DIR (the launcher said what in one line, nothing ran), 130 an interruption (the same command
+# resumes; the table comes at the end), anything else a launcher that died.
+case "$status" in
+  0|1) ;;
+  *) exit "$status" ;;
+esac
 prev=""
 for arg in "$@"; do  # the preset the launcher ran (its --preset wins over PRESET), named under the table
   [ "$arg" = --dry_run ] && exit 0

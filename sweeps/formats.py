@@ -1,9 +1,11 @@
 """Tables as text: the terminal's table, Markdown, LaTeX (best of each metric per row marked) and the
-rows of a long CSV; and a collection's runs one line each. ``sweeps/table_files.py`` writes them."""
+rows of a long CSV; and a collection's runs one line each. ``sweeps/table_files.py`` writes them.
+A row whose attacked model has no backdoor to remove (:data:`~sweeps.tables.MIN_BACKDOOR_ASR`) is marked
+with a footnote in text, Markdown and LaTeX, and flagged in the CSV's ``weak_attack`` column."""
 from __future__ import annotations
 
 from sweeps.collect import Result
-from sweeps.tables import METRICS, NONE, Table
+from sweeps.tables import METRICS, NONE, WEAK_MARK, WEAK_NOTE, Table
 from utils.metrics import mean
 
 # The paper's columns and which way is better (its note under Table 1: highest ACC, lowest ASR, highest DER).
@@ -46,20 +48,26 @@ def _columns(table: Table) -> list[tuple[str, str, str, object]]:
             for key, head, better in SHOWN if not (g == NONE and key == "der")]
 
 
-def _grid(table: Table) -> list[tuple[str, list[tuple[float | None, float | None, str]]]]:
-    """The body: (row label, [(mean, std, mark) per column]), then the Average row."""
+def _grid(table: Table) -> list[tuple[str, list[tuple[float | None, float | None, str]], bool]]:
+    """The body: (row label, [(mean, std, mark) per column], weak attack), then the Average row."""
     columns = _columns(table)
     body = [(row.label, [(c.mean(key), c.std(key)) if (c := row.cells.get(g)) else (None, None)
                          for g, key, _, _ in columns]) for row in table.rows]
     body.append(("Average", [(table.average(g, key), None) for g, key, _, _ in columns]))
+    weak = [row.weak for row in table.rows] + [False]
     marked = []
     for label, values in body:
         marks = {}
         for key, _, better in SHOWN:  # each metric ranked across the defenses (the attacked model is not one)
             marks.update(rank_marks({i: values[i][0] for i, (g, k, _, _) in enumerate(columns)
                                      if k == key and g != NONE}, better))
-        marked.append((label, [(m, s, marks.get(i, "")) for i, (m, s) in enumerate(values)]))
+        marked.append((label, [(m, s, marks.get(i, "")) for i, (m, s) in enumerate(values)], weak[len(marked)]))
     return marked
+
+
+def _weak_note(table: Table) -> list[str]:
+    """The footnote under a table with a row of an attack too weak to compare defenses on."""
+    return [f"{WEAK_MARK} {WEAK_NOTE}"] if any(row.weak for row in table.rows) else []
 
 
 def _value(mean: float | None, std: float | None, pm: str = "±") -> str:
@@ -72,7 +80,8 @@ def format_text(table: Table) -> str:
     """The terminal table: column groups, mean ± std where several seeds were averaged, no marks."""
     columns = _columns(table)
     grid = _grid(table)
-    cells = [[_value(m, s) for m, s, _ in values] for _, values in grid]
+    cells = [[_value(m, s) for m, s, _ in values] for _, values, _ in grid]
+    grid = [(f"{label} {WEAK_MARK}" if weak else label, values) for label, values, weak in grid]
     widths = [max(7, len(head) + 1, *(len(c[i]) + 1 for c in cells)) for i, (_, _, head, _) in enumerate(columns)]
     label_w = max(16, *(len(label) + 2 for label, _ in grid))
     groups, line1, line2 = [NONE] + table.defenses, f"{'attack':<{label_w}}", f"{'':<{label_w}}"
@@ -87,6 +96,7 @@ def format_text(table: Table) -> str:
     if any(table.cost(d) is not None for d in table.defenses):
         costs = [f"{d} {_value(table.cost(d), None)}" for d in table.defenses]
         lines.append("wall time relative to FT (mean over attacks): " + ", ".join(costs))
+    lines += _weak_note(table)
     seeds = sorted({c.n_seeds for row in table.rows for c in row.cells.values()})
     note = f"; mean ± std over {'/'.join(map(str, seeds))} seeds" if any(n > 1 for n in seeds) else ""
     return f"{table.heading}, in %{note}\n" + "\n".join(lines)
@@ -100,10 +110,11 @@ def format_markdown(table: Table) -> str:
                          for i, (g, _, h, _) in enumerate(columns)]
     lines = [f"**{table.heading}** (in %; best of each metric per row in bold, second underlined)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * len(columns)]
-    for label, values in _grid(table):
+    for label, values, weak in _grid(table):
         cells = [style[mark].format(_value(m, s)) for m, s, mark in values]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        lines.append(f"| {label}{' ' + WEAK_MARK if weak else ''} | " + " | ".join(cells) + " |")
+    note = _weak_note(table)
+    return "\n".join(lines + ([""] + note if note else []))
 
 
 def _tex(text: str) -> str:
@@ -126,22 +137,27 @@ def format_latex(table: Table) -> str:
              "\\begin{tabular}{l" + "c" * len(columns) + "}", "\\toprule",
              " & " + " & ".join(spans) + " \\\\", " ".join(rules),
              "attack & " + " & ".join(h for _, _, h, _ in columns) + " \\\\", "\\midrule"]
-    grid = _grid(table)
-    for n, (label, values) in enumerate(grid):
+    grid, dagger = _grid(table), "$^\\dagger$"
+    for n, (label, values, weak) in enumerate(grid):
         if n == len(grid) - 1:
             lines.append("\\midrule")
         cells = [style[mark].format(_value(m, s, "$\\pm$")) for m, s, mark in values]
-        lines.append(f"{_tex(label)} & " + " & ".join(cells) + " \\\\")
-    lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
+        lines.append(_tex(label) + (dagger if weak else "") + " & " + " & ".join(cells) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    if any(row.weak for row in table.rows):
+        lines.append(f"\\par\\footnotesize {dagger} {_tex(WEAK_NOTE)}")
+    lines.append("\\end{table}")
     return "\n".join(lines)
 
 
 CSV_COLUMNS = ["dataset", "model", "attack", "defense", "clean_acc", "asr", "ra", "der", "n_seeds",
-               "clean_acc_std", "asr_std", "ra_std", "der_std", "wall_seconds", "wall_vs_ft", "setting", "records"]
+               "clean_acc_std", "asr_std", "ra_std", "der_std", "wall_seconds", "wall_vs_ft", "setting", "records",
+               "weak_attack"]
 
 
 def csv_rows(tables: list[Table]) -> list[dict]:
-    """Long form: one row per (attack, defense) of each table, then one Average row per defense."""
+    """Long form: one row per (attack, defense) of each table, then one Average row per defense;
+    ``weak_attack`` is yes where the attacked model's ASR is too low to compare defenses on."""
     def fmt(v):
         return "" if v is None else f"{v:.2f}"
     out = []
@@ -156,7 +172,8 @@ def csv_rows(tables: list[Table]) -> list[dict]:
                             **{m: fmt(c.mean(m)) for m in METRICS}, "der": "" if d == NONE else fmt(c.mean("der")),
                             "n_seeds": c.n_seeds, **{f"{m}_std": fmt(c.std(m)) for m in METRICS},
                             "wall_seconds": fmt(mean(c.walls)), "wall_vs_ft": fmt(mean(c.costs)),
-                            "setting": setting, "records": " ".join(c.records)})
+                            "setting": setting, "records": " ".join(c.records),
+                            "weak_attack": "yes" if row.weak else "no"})
         for d in [NONE] + t.defenses:
             cells = [row.cells[d] for row in t.rows if d in row.cells]
             out.append({"dataset": t.dataset, "model": t.model, "attack": "Average", "defense": d,
@@ -164,5 +181,5 @@ def csv_rows(tables: list[Table]) -> list[dict]:
                         "der": "" if d == NONE else fmt(t.average(d, "der")),
                         "n_seeds": min((c.n_seeds for c in cells), default=0),
                         **{f"{m}_std": "" for m in METRICS}, "wall_seconds": "",
-                        "wall_vs_ft": fmt(t.cost(d)), "setting": t.setting, "records": ""})
+                        "wall_vs_ft": fmt(t.cost(d)), "setting": t.setting, "records": "", "weak_attack": ""})
     return out

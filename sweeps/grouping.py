@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from sweeps.collect import NO_DEFENSE, Result
+from sweeps.collect import NO_DEFENSE, Result, is_replaced
 from sweeps.paper import PAPER_ATTACKS, PAPER_DEFENSES, order
 from sweeps.tables import NONE, Cell, Row, Table
 from utils.config import CONFIG_DIR
@@ -32,11 +32,16 @@ def _seed_groups(runs_list: list[dict]) -> list[tuple[str, list[dict]]]:
     """The records of one row as (label, records) groups: all of them in one, averaged as seeds, when
     their seeds differ; otherwise one row per record, labelled with its folder name. Two records of
     one setting and one seed (a copied record, a rerun) are repeats, not seeds: averaging them would
-    report a spread that no second seed measured."""
-    seeds = [runs[NONE].settings.get("random_seed") for runs in runs_list]
-    if len(set(map(str, seeds))) == len(seeds):
-        return [("", runs_list)]
-    return [(f"record {runs[NONE].record}", [runs]) for runs in runs_list]
+    report a spread that no second seed measured. A record ``--overwrite`` replaced (shown when asked
+    for) is never a seed of the one that replaced it: it is a row of its own, named by its folder."""
+    replaced = [runs for runs in runs_list if is_replaced(runs[NONE].record)]
+    current = [runs for runs in runs_list if not is_replaced(runs[NONE].record)]
+    seeds = [runs[NONE].settings.get("random_seed") for runs in current]
+    if current and len(set(map(str, seeds))) == len(seeds):
+        groups = [("", current)]
+    else:
+        groups = [(f"record {runs[NONE].record}", [runs]) for runs in current]
+    return groups + [(f"record {runs[NONE].record}", [runs]) for runs in replaced]
 
 
 def build_tables(rows: list[Result]) -> list[Table]:

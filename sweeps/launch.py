@@ -9,7 +9,8 @@
 afterwards. Jobs run the scripts by path, each with its log under ``<record_dir>/_logs/``. A job
 whose output is already a finished run is skipped, an interrupted one is resumed, so the same command
 continues a stopped sweep. A line per finished job gives its wall time and figures; a failed job
-gives its log's path and does not stop the others. Exit code 1 when a job failed.
+gives its log's path and does not stop the others. Exit code 1 when a job failed; 2, with one
+line, on bad input or when a sweep is already running on the same ``--record_dir``.
 
 Executors: ``pool`` (default) runs on this machine, one job per ``--gpus`` entry (each sees only its
 GPU) or ``--jobs`` at a time without GPUs; ``slurm`` submits two job arrays through submitit (the
@@ -33,8 +34,10 @@ from sweeps.progress import Progress
 from utils.cli import cli_main
 from utils.config import ROOT
 from utils.errors import UserError
+from utils.output import check_writable, hold_lock
 
 DEFAULT_RESOURCES = ROOT.parent / "shared" / "data" / "backdoorbench-resource"
+SWEEP_LOCK = Path("_logs") / ".sweep.lock"  # under --record_dir
 
 
 def _seeds(value: str) -> list[int]:
@@ -110,6 +113,15 @@ def sweep_from(args: argparse.Namespace) -> Sweep:
                  attack_args=tuple(shlex.split(args.attack_args)), defense_args=tuple(shlex.split(args.defense_args)))
 
 
+def sweep_lock(record_dir: Path):
+    """Held while a launcher runs on ``record_dir`` (``<record_dir>/_logs/.sweep.lock``, with its pid):
+    the same sweep started twice is refused in one line, exit 2, before it reports anything (so its
+    ``sh/sweep.sh`` writes no table); a lock left by a killed launcher is taken over."""
+    check_writable(record_dir / "_logs", "--record_dir")
+    return hold_lock(record_dir / SWEEP_LOCK, lambda pid: f"a sweep is already running on {record_dir} (pid {pid}); "
+                                                         f"wait for it or stop it")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     sweep = sweep_from(args)
@@ -118,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         for job in jobs:
             print(shlex.join([sys.executable, str(job.script.relative_to(ROOT)), *job.args]))
         return 0
+    with sweep_lock(sweep.record_dir):
+        return _launch(args, sweep, jobs)
+
+
+def _launch(args: argparse.Namespace, sweep: Sweep, jobs: list) -> int:
     print(f"sweep: {len(jobs)} jobs ({len(sweep.attacks)} attack(s) x {len(sweep.seeds)} seed(s), "
           f"{len(sweep.defenses)} defense(s) each), preset {args.preset}: {sweep.preset.about}; "
           f"records in {sweep.record_dir}", flush=True)

@@ -4,15 +4,22 @@
     python sweeps/results_table.py --record_dir record --out results/table1 --paper
     python sweeps/results_table.py --record_dir record/badnet_demo --runs
 
-Nothing is re-run: every attack and defense ``summary.json`` under the folder is read (each checked
-against the SHA-256 in its ``record.json``; unfinished, damaged or stale runs are listed as problems
-and left out). One table per (dataset, model, training setting), in the paper's layout: attacks as
-rows, the attacked model and each defense as ACC / ASR / DER column groups, an Average row (the mean
-of each column over attacks, DER included), records that differ only in their seed shown as
-mean ± std (records of one seed are repeats: a row each, named by its folder). ``--out PREFIX``
-also writes ``PREFIX.csv`` (long form, one row per attack and defense), ``PREFIX.md`` and
-``PREFIX.tex`` (best value of each metric per row in bold, second underlined) and ``PREFIX_cost.png``
-(each defense's wall time relative to FT). ``--paper`` prints the paper's own Table 1 for the same
+Nothing is re-run: every attack and defense ``summary.json`` under the folder is read once its run is
+verified (its ``record.json`` of this format and schema, every file it lists with the SHA-256 it lists,
+its config and summary readable). Unfinished, damaged or stale runs are left out and listed under the
+tables, one line each with the reason; the rest are built. A folder listed twice (a symbolic link
+beside it) counts once, under its own name. A record ``--overwrite`` replaced (kept beside it as
+``<name>.replaced-<YYYYmmdd-HHMMSS>``) is not shown unless ``--include_replaced`` is given: then it is a
+row of its own, named by its folder. One table per (dataset, model, training setting), in the paper's
+layout: attacks as rows, the attacked model and each defense as ACC / ASR / DER column groups, an
+Average row (the mean of each column over attacks, DER included), records that differ only in their
+seed shown as mean ± std (records of one seed are repeats: a row each, named by its folder). A row
+whose attacked model's ASR is below 50% is marked (a footnote; ``weak_attack`` in the CSV): with no
+backdoor to remove, its DER means nothing. ``--out PREFIX`` also writes ``PREFIX.csv`` (long form, one
+row per attack and defense), ``PREFIX.md`` and ``PREFIX.tex`` (best value of each metric per row in
+bold, second underlined) and ``PREFIX_cost.png`` (each defense's wall time relative to FT); ``--out
+DIR/`` (a trailing slash, or a folder that exists) writes ``DIR/table.csv``, ``DIR/table.md``,
+``DIR/table.tex`` and ``DIR/table_cost.png``. ``--paper`` prints the paper's own Table 1 for the same
 attacks and defenses below; ``--preset NAME`` puts the sweep preset's description (a smoke run's
 epochs, rounds and subset) under the title of each table whose records it made (their model, epochs,
 learning rate and training subset are the preset's).
@@ -22,26 +29,31 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sweeps.collect import collect
+from sweeps.collect import NO_DEFENSE, collect, replaced_records
 from sweeps.formats import format_runs, format_text
 from sweeps.grouping import build_tables
 from sweeps.paper import paper_table
 from sweeps.presets import PRESETS, preset_made
-from sweeps.table_files import write_tables
+from sweeps.table_files import table_prefix, write_tables
 from utils.cli import cli_main
 
 
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--record_dir", default="record", help="a folder of records, or one record's folder")
-    p.add_argument("--out", default=None, help="also write PREFIX.csv, PREFIX.md, PREFIX.tex and PREFIX_cost.png")
+    p.add_argument("--out", default=None, help="also write PREFIX.csv, PREFIX.md, PREFIX.tex and PREFIX_cost.png; "
+                   "a folder (DIR/ with its trailing slash, or a folder that exists) gets DIR/table.csv, "
+                   "DIR/table.md, DIR/table.tex and DIR/table_cost.png")
     p.add_argument("--runs", action="store_true", help="also list every run on its own line")
     p.add_argument("--paper", action="store_true", help="print the paper's Table 1 for the same attacks and defenses")
     p.add_argument("--preset", choices=sorted(PRESETS), help="the sweep preset that made the records: its "
                    "description (as this checkout defines it) goes under each table's title (sh/sweep.sh "
                    "passes it)")
+    p.add_argument("--include_replaced", action="store_true", help="also show the records --overwrite replaced "
+                   "(folders named <name>.replaced-<YYYYmmdd-HHMMSS>), each as a row of its own named by its folder")
     args = p.parse_args(argv)
-    rows = collect(Path(args.record_dir))
+    prefix = table_prefix(args.out) if args.out else None  # refused before anything is read
+    rows = collect(Path(args.record_dir), include_replaced=args.include_replaced)
     tables = build_tables(rows)
     preset = PRESETS[args.preset] if args.preset else None
     for table in tables if preset else []:
@@ -54,12 +66,16 @@ def main(argv: list[str] | None = None) -> str:
         parts.append(format_text(paper) if paper.rows else "the paper's Table 1 has none of these attacks")
     if args.runs:
         parts.append(format_runs(rows))
-    problems = [f"  {r.record}{'' if r.defense == '-' else '/defense/' + r.defense}: {r.problem}"
+    problems = [f"  {r.record}{'' if r.defense == NO_DEFENSE else '/defense/' + r.defense}: {r.problem}"
                 for r in rows if r.problem]
     if problems:
         parts.append("left out:\n" + "\n".join(problems))
-    if args.out:
-        written = write_tables(tables, Path(args.out))
+    hidden = [] if args.include_replaced else replaced_records(Path(args.record_dir))
+    if hidden:
+        parts.append(f"not shown: {len(hidden)} record(s) replaced by --overwrite ({', '.join(hidden)}); "
+                     f"--include_replaced shows them")
+    if prefix is not None:
+        written = write_tables(tables, prefix)
         parts.append("wrote " + ", ".join(str(p) for p in written))
     text = "\n\n".join(parts)
     print(text)

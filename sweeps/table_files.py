@@ -1,13 +1,17 @@
 """The files a table leaves: ``PREFIX.csv`` (long form), ``PREFIX.md``, ``PREFIX.tex``, and the cost
-figure ``PREFIX_cost.png`` (each defense's wall time relative to FT), each written atomically."""
+figure ``PREFIX_cost.png`` (each defense's wall time relative to FT), each written atomically; and where
+``--out`` puts them (:func:`table_prefix`: a folder means ``FOLDER/table.*``), refused in one line, before
+anything is read, where no file can be written."""
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
 from sweeps.formats import CSV_COLUMNS, csv_rows, format_latex, format_markdown
 from sweeps.tables import Table
 from utils.metrics import mean
+from utils.errors import UserError
 from utils.plots import pyplot, save_figure
 from utils.record import write_text
 
@@ -37,15 +41,52 @@ def save_cost_figure(tables: list[Table], path: Path) -> bool:
     return True
 
 
+DEFAULT_NAME = "table"  # the files' name in a folder given as --out (FOLDER/table.csv, ...)
+SYSTEM_FOLDERS = (Path("/proc"), Path("/sys"))  # the kernel's views, never a place for files
+
+
+def table_prefix(out: str) -> Path:
+    """The prefix of the files ``--out OUT`` asks for: ``OUT`` itself, or ``OUT/table`` where ``OUT``
+    ends with a slash or is an existing folder. Refused (one line) where no file could be written:
+    under a file, under /proc or /sys, under a folder this user may not write to."""
+    folder_given = out.endswith(("/", os.sep)) or Path(out).is_dir()
+    prefix = Path(out) / DEFAULT_NAME if folder_given else Path(out)
+    advice = "give --out a prefix (or a folder ending with /) where you can write files, e.g. --out results/table1"
+    where = prefix.parent.resolve()
+    for system in SYSTEM_FOLDERS:
+        if where == system or system in where.parents:
+            raise UserError(f"--out {out}: {where} {'is' if where == system else 'is under'} {system}, a view of the "
+                            f"kernel's state, not a place for files; {advice}")
+    for folder in [where, *where.parents]:
+        if folder.exists():
+            if not folder.is_dir():
+                raise UserError(f"--out {out}: {folder} is a file, not a folder, so nothing can be written under it; "
+                                f"{advice}")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise UserError(f"--out {out}: this user may not write in {folder}; {advice}")
+            break
+    return prefix
+
+
 def write_tables(tables: list[Table], prefix: Path) -> list[Path]:
-    """``PREFIX.csv``, ``PREFIX.md``, ``PREFIX.tex`` and ``PREFIX_cost.png``, each written atomically."""
+    """``PREFIX.csv``, ``PREFIX.md``, ``PREFIX.tex`` and ``PREFIX_cost.png``, each written atomically;
+    when one cannot be written, those already written are removed and the error is one line."""
     import pandas as pd
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    written = [prefix.with_name(prefix.name + ext) for ext in (".csv", ".md", ".tex")]
-    write_text(written[0], pd.DataFrame(csv_rows(tables), columns=CSV_COLUMNS).to_csv(index=False))
-    write_text(written[1], "\n\n".join(format_markdown(t) for t in tables) + "\n")
-    write_text(written[2], "\n\n".join(format_latex(t) for t in tables) + "\n")
-    cost = prefix.with_name(prefix.name + "_cost.png")
-    if save_cost_figure(tables, cost):
-        written.append(cost)
+    written: list[Path] = []
+    try:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        for ext, text in ((".csv", pd.DataFrame(csv_rows(tables), columns=CSV_COLUMNS).to_csv(index=False)),
+                          (".md", "\n\n".join(format_markdown(t) for t in tables) + "\n"),
+                          (".tex", "\n\n".join(format_latex(t) for t in tables) + "\n")):
+            path = prefix.with_name(prefix.name + ext)
+            write_text(path, text)
+            written.append(path)
+        cost = prefix.with_name(prefix.name + "_cost.png")
+        if save_cost_figure(tables, cost):
+            written.append(cost)
+    except OSError as e:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise UserError(f"cannot write the table files {prefix}.* ({e.strerror or e}: {e.filename or prefix}); "
+                        f"give --out a prefix (or a folder ending with /) where you can write files") from None
     return written

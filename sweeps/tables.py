@@ -1,7 +1,8 @@
 """What a table holds, in the D3 paper's Table 1 layout: a :class:`Table` per (dataset, model,
 training setting), attacks as :class:`Row` s, defenses as column groups, and in each (attack, defense)
 a :class:`Cell` of figures in percent, one per record (records that differ only in their seed are
-averaged into one cell); the paper's Average row and each defense's cost relative to FT.
+averaged into one cell); the paper's Average row and each defense's cost relative to FT; and which
+rows compare nothing: an attacked model whose ASR is below :data:`MIN_BACKDOOR_ASR` has no backdoor to remove.
 ``sweeps/grouping.py`` builds tables from records, ``sweeps/paper.py`` from the paper's figures.
 """
 from __future__ import annotations
@@ -14,6 +15,10 @@ from utils.metrics import mean
 
 METRICS = ("clean_acc", "asr", "ra", "der")
 NONE = "none"  # the attacked model's column and the CSV's defense value for it
+# An attacked model's ASR (in %) below this: no backdoor to remove, so its row's DER means nothing.
+MIN_BACKDOOR_ASR = 50.0
+WEAK_MARK = "†"
+WEAK_NOTE = f"attacked model's ASR below {MIN_BACKDOOR_ASR:g}%: no backdoor to remove; DER not meaningful"
 
 
 @dataclass
@@ -59,6 +64,12 @@ class Row:
     @property
     def label(self) -> str:
         return f"{self.attack} ({self.variant})" if self.variant else self.attack
+
+    @property
+    def weak(self) -> bool:
+        """The attacked model's ASR (the mean over its seeds) is below :data:`MIN_BACKDOOR_ASR`."""
+        asr = self.cells[NONE].mean("asr") if NONE in self.cells else None
+        return asr is not None and asr < MIN_BACKDOOR_ASR
 
 
 @dataclass

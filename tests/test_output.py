@@ -1,10 +1,16 @@
 """Nothing lost (utils/output.py, utils/checkpoint.py, utils/cli.py): interruptions keep finished results
-and resume bit for bit, reruns over finished outputs, a second run on the same output, signals, and
-unwritable folders refused before any slow work."""
+and resume bit for bit, reruns over finished outputs (a replaced record kept with its defenses, an
+output that is a link), a second run on the same output, a killed run's lock and temporary files,
+signals, file modes, and unwritable folders refused before any slow work."""
+import contextlib
 import importlib
 import json
 import os
+import re
 import signal
+import stat
+import subprocess
+import sys
 import time
 
 import pytest
@@ -17,7 +23,7 @@ import defense.ft as ft
 import utils.report
 from utils.cli import cli_main
 from utils.errors import UserError
-from utils.output import check_writable, claim_output, staging_dir
+from utils.output import check_writable, claim_output, commit_output, open_output, plan_output, staging_dir
 from utils.record import load_tensors
 
 
@@ -91,6 +97,21 @@ def test_defense_resume_is_bit_identical(capsys, monkeypatch, tiny_data, tiny_re
     import pandas as pd
     cols = ["epoch", "train_loss", "clean_acc", "asr", "ra"]
     pd.testing.assert_frame_equal(pd.read_csv(a / "metrics.csv")[cols], pd.read_csv(b / "metrics.csv")[cols])
+
+
+def test_overwrite_without_resume_starts_an_interrupted_run_again(capsys, monkeypatch, tiny_data, tiny_record,
+                                                                   tmp_path):
+    """``--overwrite`` alone means start again: an interrupted run's checkpoint is not resumed."""
+    copy_record(tiny_record, tmp_path)
+    restore = interrupt_after_saves(monkeypatch, 2)
+    interrupted(capsys, ft.main, d3_args(tiny_data, tmp_path, "--epochs", "3"))
+    restore()
+    ft.main(d3_args(tiny_data, tmp_path, "--epochs", "3", "--overwrite"))
+    out = tmp_path / "badnet" / "defense" / "ft"
+    log = (out / "defense.log").read_text()
+    assert "resuming" not in log and (out / "record.json").is_file() and not (out / "checkpoint.pt").exists()
+    import pandas as pd
+    assert pd.read_csv(out / "metrics.csv")["epoch"].tolist() == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("script", ["badnet", "wanet"])  # a data-poisoning and a training-controlled attack
@@ -186,3 +207,160 @@ def test_check_writable_names_the_flag(tmp_path):
     (tmp_path / "file.txt").write_text("")
     with pytest.raises(UserError, match="choose a writable folder with --record_dir"):
         check_writable(tmp_path / "file.txt" / "sub", "--record_dir")
+
+
+# ----------------------------------------------------------------------------- replaced results are kept
+
+def _finished(folder, files=("model.safetensors",), extra=()):
+    """A hand-made finished result: ``files`` listed in its record.json, plus a log, a plot and ``extra``."""
+    folder.mkdir(parents=True)
+    for name in (*files, "run.log", "curves.png", *extra):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(name)
+    (folder / "record.json").write_text(json.dumps({"files": {name: "0" * 64 for name in files}}))
+    return folder
+
+
+def dead_pid() -> int:
+    """The id of a process that has ended (what a killed run's lock names)."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    return gone.pid
+
+
+def _replaced(folder) -> list:
+    return sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(f"{folder.name}.replaced-"))
+
+
+def _modes(folder) -> set:
+    return {(p.is_dir(), stat.S_IMODE(p.stat().st_mode)) for p in [folder, *folder.rglob("*")]}
+
+
+@contextlib.contextmanager
+def umask(mask: int):
+    before = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(before)
+
+
+def test_attack_overwrite_keeps_the_replaced_record_with_its_defenses(capsys, monkeypatch, tiny_data, tiny_record,
+                                                                      tmp_path):
+    """An interrupted overwrite keeps the old record and its defense in place; finished with --resume, the
+    old record moves, whole, beside the new one (the defense defended the old model), said in one line.
+    Files and folders are written as other tools write them: 0644 / 0755 under umask 022."""
+    rec = copy_record(tiny_record, tmp_path)
+    ft.main(["--result_file", "badnet", *run_args(tiny_data, tmp_path), "--epochs", "1"])
+    manifest, defense = (rec / "record.json").read_bytes(), (rec / "defense" / "ft" / "record.json").read_bytes()
+    argv = ["--save_folder_name", "badnet", *run_args(tiny_data, tmp_path), "--random_seed", "2", *TINY,
+            "--overwrite"]
+    restore = interrupt_after_saves(monkeypatch, 1)
+    with umask(0o022):
+        interrupted(capsys, badnet.main, argv)
+        assert (rec / "record.json").read_bytes() == manifest and (rec / "defense" / "ft" / "record.json").is_file()
+        assert not _replaced(rec)
+        restore()
+        badnet.main([*argv, "--resume"])
+    kept = _replaced(rec)
+    assert len(kept) == 1 and re.fullmatch(r"badnet\.replaced-\d{8}-\d{6}", kept[0]), kept
+    old = tmp_path / kept[0]
+    assert (old / "record.json").read_bytes() == manifest
+    assert (old / "defense" / "ft" / "record.json").read_bytes() == defense
+    assert (rec / "record.json").read_bytes() != manifest and not (rec / "defense").exists()
+    said = [ln for ln in capsys.readouterr().err.splitlines() if str(old) in ln]
+    assert len(said) == 1 and "defense/" in said[0], said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["badnet", kept[0]]  # no lock, no staging left
+    assert _modes(rec) == {(True, 0o755), (False, 0o644)}
+
+
+def test_replaced_outputs_are_kept_when_they_hold_more_than_their_run(capsys, tmp_path, monkeypatch):
+    """A defense output holding only its run's files is replaced as before; one holding anything else
+    (a note, a subfolder) is kept beside it; a second one the same second gets a counter."""
+    monkeypatch.setattr("utils.output.time.strftime", lambda fmt: "20240101-120000")
+    out = _finished(tmp_path / "defense" / "ft")
+    _finished(staging_dir(out), files=("model.safetensors", "metrics.csv"))
+    commit_output(staging_dir(out), out)
+    assert (out / "metrics.csv").is_file() and not _replaced(out) and not staging_dir(out).exists()
+    for extra in ("notes.txt", "sub/x.txt"):
+        (out / extra).parent.mkdir(exist_ok=True)
+        (out / extra).write_text("mine")
+        _finished(staging_dir(out))
+        commit_output(staging_dir(out), out)
+        assert not (out / extra).exists()
+    assert _replaced(out) == ["ft.replaced-20240101-120000", "ft.replaced-20240101-120000-2"]
+    assert (tmp_path / "defense" / "ft.replaced-20240101-120000" / "notes.txt").is_file()
+    assert (tmp_path / "defense" / "ft.replaced-20240101-120000-2" / "sub" / "x.txt").is_file()
+    assert "ft.replaced-20240101-120000-2" in capsys.readouterr().err
+
+
+def test_an_interrupted_replacement_or_an_unfinished_output_is_kept_not_cleared(capsys, tmp_path):
+    """Killed between the exchange and the move aside, the previous record waits in the staging folder: the
+    next run keeps it. An unfinished output with defenses under it (record.json lost) is kept too."""
+    out = _finished(tmp_path / "rec")
+    _finished(staging_dir(out), extra=("defense/ft/record.json",))  # the previous record, just exchanged out
+    open_output(staging_dir(out), out)
+    assert staging_dir(out).is_dir() and not list(staging_dir(out).iterdir())
+    kept = tmp_path / _replaced(out)[0]
+    assert (kept / "defense" / "ft" / "record.json").is_file() and str(kept) in capsys.readouterr().err
+    other = tmp_path / "other"
+    (other / "defense" / "ft").mkdir(parents=True)
+    (other / "defense" / "ft" / "record.json").write_text("{}")
+    assert plan_output(other, overwrite=True, resume=False) == other
+    open_output(other, other)
+    assert not list(other.iterdir()) and (tmp_path / _replaced(other)[0] / "defense" / "ft" / "record.json").is_file()
+
+
+def test_an_output_that_is_a_link_is_replaced_at_its_target_and_keeps_its_link(capsys, tiny_data, tiny_record,
+                                                                                tmp_path):
+    records, elsewhere = tmp_path / "records", tmp_path / "elsewhere"
+    target = copy_record(tiny_record, elsewhere, "base")
+    (target / "defense" / "ft").mkdir(parents=True)
+    (target / "defense" / "ft" / "record.json").write_text("{}")
+    records.mkdir()
+    (records / "base").symlink_to(target)
+    (records / ".base.rerun").symlink_to(target)  # the stray link an older version left behind
+    argv = ["--save_folder_name", "base", *run_args(tiny_data, records), *TINY, "--epochs", "1", "--overwrite"]
+    for _ in range(2):  # the second overwrite replaces a record with nothing under it: no copy kept
+        badnet.main(argv)
+        assert os.readlink(records / "base") == str(target) and (target / "record.json").is_file()
+        assert os.listdir(records) == ["base"] and not (target / "defense").exists()
+        kept = _replaced(target)
+        assert sorted(os.listdir(elsewhere)) == ["base", *kept] and len(kept) == 1
+        assert (elsewhere / kept[0] / "defense" / "ft" / "record.json").is_file()
+
+
+def test_a_killed_runs_lock_and_temporary_files_do_not_stay(capsys, monkeypatch, tiny_data, tiny_record, tmp_path):
+    """SIGKILL runs no cleanup: the lock file naming a process that is gone is taken over (said in a
+    line), the temporary files in its output are removed by the run that resumes it."""
+    rec = copy_record(tiny_record, tmp_path)
+    out, argv = rec / "defense" / "ft", ["--result_file", "badnet", *run_args(tiny_data, tmp_path), "--epochs", "2"]
+    restore = interrupt_after_saves(monkeypatch, 1)
+    interrupted(capsys, ft.main, argv)
+    restore()
+    gone = dead_pid()
+    (out.parent / ".ft.lock").write_text(f"{gone}\n")
+    (out / ".x.tmp.png").write_bytes(b"half a figure")
+    (out / ".metrics.csv.0123abcd.tmp").write_text("half a table")
+    ft.main([*argv, "--resume"])
+    err = capsys.readouterr().err
+    assert f"left by process {gone}, which is gone" in err and "removed 2 temporary file(s)" in err
+    assert (out / "record.json").is_file() and not (out.parent / ".ft.lock").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_files_and_folders_follow_the_umask(tmp_path, mask):
+    from sweeps.table_files import write_tables
+    from utils.plots import pyplot, save_figure
+    from utils.record import save_tensors, torch_save, write_text
+    out = tmp_path / "out"
+    with umask(mask):
+        open_output(out, out)
+        write_text(out / "a.txt", "a")
+        save_tensors(out / "t.safetensors", {"x": torch.zeros(2)})
+        torch_save(out / "c.pt", {"x": torch.zeros(2)})
+        save_figure(pyplot().figure(), out / "f.png")
+        write_tables([], out / "tables" / "sweep")
+    assert _modes(out) == {(True, 0o777 & ~mask), (False, 0o666 & ~mask)}
+    assert len(list(out.rglob("*"))) == 8

@@ -63,7 +63,8 @@ def interrupt_message() -> str:
         return "interrupted before anything was written"
     run = ACTIVE_RUNS[-1]
     if (run.work_dir / CHECKPOINT).is_file():
-        kept = f"{run.out_dir} still holds the previous finished result; " if run.work_dir != run.out_dir else ""
+        rerun = run.work_dir.resolve() != run.out_dir.resolve()  # an output that is a link is written at its target
+        kept = f"{run.out_dir} still holds the previous finished result; " if rerun else ""
         return (f"interrupted: {run.what} stopped after {run.epochs_done} finished epoch(s); {kept}the same command "
                 f"with --resume continues it from there")
     return f"interrupted: {run.what} stopped before its first epoch finished; nothing of it was kept"

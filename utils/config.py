@@ -125,10 +125,11 @@ def _coerce(action: argparse.Action, key: str, value, source: Path):
 def resolve_config(parser: argparse.ArgumentParser, layers, argv=None, ignored: dict | None = None,
                    dropped: list | None = None) -> Config:
     """Parse flags, then merge, each over the one before: :data:`COMMON_DEFAULTS`, ``layers`` (YAML
-    paths or dicts, or a callable taking the parsed flags and returning them), ``--yaml_path`` and
-    the flags. ``ignored``: settings the script has no use for; a value the user gives for one (a flag,
-    abbreviated or not, or a key of ``--yaml_path``) is left out of the config and its name appended
-    to ``dropped``, for the script to log."""
+    paths, dicts, or ``(path, dict)`` for values read from that file and named by it in errors; or a
+    callable taking the parsed flags and returning them), ``--yaml_path`` and the flags. ``ignored``:
+    settings the script has no use for; a value the user gives for one (a flag, abbreviated or not,
+    or a key of ``--yaml_path``) is left out of the config and its name appended to ``dropped``, for
+    the script to log."""
     args = vars(parser.parse_args(argv))
     actions = {a.dest: a for a in parser._actions}
     ignored = ignored or {}
@@ -141,9 +142,15 @@ def resolve_config(parser: argparse.ArgumentParser, layers, argv=None, ignored: 
         layers.append(Path(args["yaml_path"]))
     merged: dict = {k: v for k, v in COMMON_DEFAULTS.items() if k in actions}
     for i, layer in enumerate(layers):
-        source = Path(layer) if not isinstance(layer, dict) else Path("<record>")
+        if isinstance(layer, tuple):
+            source, values = Path(layer[0]), layer[1]
+        elif isinstance(layer, dict):
+            source, values = Path("<record>"), layer
+        else:
+            source = Path(layer)
+            values = _read_yaml(source)
         from_user = "yaml_path" in args and i == len(layers) - 1
-        for key, value in (layer.items() if isinstance(layer, dict) else _read_yaml(source).items()):
+        for key, value in values.items():
             if key not in actions:
                 raise UserError(f"{source}: unknown setting {key!r} (see --help for the accepted flags)")
             if from_user and key in ignored:
@@ -183,6 +190,12 @@ def check_training(cfg: Config) -> None:
         raise UserError(f"--lr {cfg.lr} must be positive")
     if getattr(cfg, "wd", 0.0) < 0:
         raise UserError(f"--wd {cfg.wd} must not be negative")
+    # PyTorch's SGD refuses a negative momentum; at 1 or more the velocity never forgets a gradient
+    # (an undamped or growing sum), so training diverges. BackdoorBench's configs use 0.9.
+    momentum = getattr(cfg, "sgd_momentum", 0.0)
+    if momentum is not None and not 0 <= momentum < 1:
+        raise UserError(f"--sgd_momentum {momentum} is outside [0, 1); give e.g. 0.9 (BackdoorBench's value) or 0 "
+                        f"for plain SGD")
 
 
 def check_range(name: str, value: float, low: float, high: float, low_open: bool = True) -> None:

@@ -120,7 +120,7 @@ def read_gtsrb(kind: str, location: Path, size: int):
     test = [(test_dir / f, k) for f, k in rows]
     out = []
     for split, items in (("train", train), ("test", test)):
-        images = decode_all([(p, str(p)) for p, _ in items], Path.read_bytes, size, f"decode {split}")
+        images = decode_all([(p, str(p)) for p, _ in items], Path.read_bytes, size, split, str(location))
         out += [images, np.array([k for _, k in items], dtype=np.int64)]
     return (*out, expected)
 
@@ -206,7 +206,7 @@ def read_tiny(location: Path, size: int):
     test.sort(key=lambda item: (item[1], item[0].name))
     out = []
     for split, items in (("train", train), ("test", test)):
-        images = decode_all([(p, str(p)) for p, _ in items], Path.read_bytes, size, f"decode {split}",
-                             exact_for="Tiny-ImageNet")
+        images = decode_all([(p, str(p)) for p, _ in items], Path.read_bytes, size, split, str(location),
+                            exact_for="Tiny-ImageNet")
         out += [images, np.array([k for _, k in items], dtype=np.int64)]
     return (*out, classes)

@@ -14,12 +14,19 @@ def pyplot():
 
 
 def save_figure(fig, path: Path, dpi: int = 100) -> None:
-    """Write ``fig`` to ``path`` through a hidden temporary file, so no half-written PNG is left, and close it."""
+    """Write ``fig`` to ``path`` through a hidden temporary file, so no half-written PNG is left, and close it.
+    The temporary file goes when the write fails; one a killed process left is overwritten by the next
+    figure of that name, and removed by the next run on a run's output (``utils.output``)."""
     tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=dpi)
-    pyplot().close(fig)
-    tmp.replace(path)
+    try:
+        fig.tight_layout()
+        fig.savefig(tmp, dpi=dpi)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        pyplot().close(fig)
 
 
 def plot_curves(rows: list[dict], out_dir: Path, prefix: str) -> None:

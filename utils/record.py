@@ -22,7 +22,8 @@ import hashlib
 import json
 import os
 import pickle
-import tempfile
+import secrets
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -56,16 +57,39 @@ REQUIRED_FILES = {
 
 
 def _atomic(path: Path, write) -> None:
+    """Write ``path`` through ``.<name>.<pid>-<random>.tmp`` beside it, renamed over it once complete; such
+    files a killed writer left (its pid gone) are removed first. The file is created as any tool creates
+    one (0666 less the umask: 0644 under umask 022, not ``mkstemp``'s 0600) and keeps that mode whatever
+    the writer does (safetensors writes 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    prefix = f".{path.name}."
+    for old in path.parent.iterdir():
+        pid = old.name[len(prefix):-len(".tmp")].split("-")[0]
+        if old.name.startswith(prefix) and old.name.endswith(".tmp") and pid.isdigit() and not pid_alive(int(pid)):
+            old.unlink(missing_ok=True)
+    tmp = path.parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        write(tmp)
+        mode = os.fstat(fd).st_mode & 0o777  # 0666 as the umask leaves it
+        os.close(fd)
+        write(str(tmp))
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        pass
+    return True
 
 
 def write_text(path: Path, text: str) -> None:
@@ -91,11 +115,35 @@ def torch_save(path: Path, obj: Any) -> None:
 
 def read_json(path: Path) -> Any:
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"missing file {path}; the record is incomplete (re-run the step that writes it)") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e}); the record is damaged") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # bytes flipped or replaced: not even text
+        raise UserError(f"{path} is not valid JSON ({_first_line(e)}); the record is damaged") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror or e}); the record is damaged or unreadable") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# The figures every finished run's summary.json reports, as fractions: what the tables read.
+SUMMARY_KEYS = ("clean_acc", "asr", "ra")
+
+
+def read_summary(path: Path) -> dict:
+    """A finished run's ``summary.json``: a mapping with each of :data:`SUMMARY_KEYS` a number."""
+    summary = read_json(path)
+    if not isinstance(summary, dict):
+        raise UserError(f"{path} holds a {type(summary).__name__}, not a mapping of results; the record is damaged "
+                        f"or was edited: rerun the step that wrote it")
+    for key in SUMMARY_KEYS:
+        if not isinstance(summary.get(key), (int, float)) or isinstance(summary.get(key), bool):
+            raise UserError(f"{path}: {key!r} is {type(summary.get(key)).__name__ if key in summary else 'missing'}, "
+                            f"not a number; the record is damaged or was edited: rerun the step that wrote it")
+    return summary
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -106,7 +154,20 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
+        if is_torch_pickle(path):
+            raise UserError(f"{path} is a torch pickle, not a safetensors file: refused unread, since unpickling "
+                            f"can run code; the record is damaged or was edited") from None
         raise UserError(f"{path} is not a valid safetensors file ({e}); the record is damaged") from None
+
+
+def is_torch_pickle(path: Path) -> bool:
+    """Whether ``path`` starts as ``torch.save`` writes (a zip archive, or a legacy pickle stream)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
 
 
 def safe_torch_load(path: Path) -> Any:
@@ -114,15 +175,43 @@ def safe_torch_load(path: Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"missing file {path}")
+    _check_zip_crc(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"refused to load {path}: it is not a plain weights file and could run code when "
-                        f"unpickled ({first}); use a trusted file saved as a state_dict") from None
+                        f"unpickled ({_unpickler_reason(e)}); use a trusted file saved as a state_dict") from None
     except Exception as e:  # noqa: BLE001 - truncated zip, wrong format, ...
-        raise UserError(f"cannot read {path} as a PyTorch weights file ({type(e).__name__}: {e}); "
+        said = _first_line(e).split(". ")[0] if str(e).strip() else ""  # torch's first sentence says it
+        raise UserError(f"cannot read {path} as a PyTorch weights file ({type(e).__name__}{': ' * bool(said)}{said}); "
                         f"the file is damaged") from None
+
+
+def _unpickler_reason(e: Exception) -> str:
+    """What torch's restricted unpickler refused ("Unsupported global: GLOBAL io.open ..."), without its
+    advice to load the file unrestricted."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        return text.split("WeightsUnpickler error:", 1)[1].strip().split(". ")[0].splitlines()[0]
+    return _first_line(e)
+
+
+def _check_zip_crc(path: Path) -> None:
+    """A torch zip file's entries against the CRC-32 each was written with: ``torch.load`` does not
+    check them, so a flipped byte in a tensor would load silently. Entries saved without a CRC (0,
+    ``torch.serialization.set_crc32_options(False)``) are skipped; a legacy (non-zip) file too."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.CRC:
+                    with archive.open(info) as entry:
+                        while entry.read(1 << 20):
+                            pass
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise UserError(f"cannot read {path} as a PyTorch weights file ({_first_line(e)}); the file is damaged") \
+            from None
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -164,10 +253,11 @@ def read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise UserError(f"missing file {path}; the record is incomplete (rerun the step that writes it)")
     try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not plain YAML ({first}); the record is damaged or was edited") from None
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:  # a Python tag, broken syntax, bytes that are not text
+        raise UserError(f"{path} is not plain YAML ({_first_line(e)}); the record is damaged or was edited") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror or e}); the record is damaged or unreadable") from None
 
 
 def sha256_file(path: Path) -> str:

@@ -30,8 +30,9 @@ class RunOutput:
     config: dict
 
     def writing(self, what: str):
-        """The writing itself: finished into ``out_dir`` on success; an interruption says what it leaves."""
-        return writing_output(what, self.work, self.out_dir)
+        """The writing itself: finished into ``out_dir`` on success; an interruption says what it leaves.
+        Without a checkpoint to resume, the working folder starts empty."""
+        return writing_output(what, self.work, self.out_dir, resume=self.checkpoint is not None)
 
 
 @contextmanager
@@ -44,7 +45,7 @@ def claim_run(out_dir: Path, cfg: Config, local_keys: tuple[str, ...] = ()):
         work = plan_output(out_dir, overwrite=bool(cfg.overwrite), resume=bool(cfg.resume))
         config = portable(cfg, local_keys)
         checkpoint = None
-        if (work / CHECKPOINT).is_file():
+        if cfg.resume and (work / CHECKPOINT).is_file():  # --overwrite alone starts again
             checkpoint = Checkpoint.load(work / CHECKPOINT, config, RESUMABLE_KEYS)
         yield RunOutput(out_dir, work, checkpoint, config)
 

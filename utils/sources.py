@@ -14,7 +14,10 @@ BackdoorBench's ``<dataset_path>/<dataset>`` layout):
     ``val/images/`` + ``val/val_annotations.txt`` (or ``val/<wnid>/``, as BackdoorBench's download
     leaves it); the validation set is the test set, as in BackdoorBench;
   * a folder holding an image-folder tree ``{train,test}/<class>/<image>``.
-For CIFAR-10 a missing folder is filled by torchvision's download when the network allows.
+For CIFAR-10 a missing folder is filled by torchvision's download when the network allows (a pickle
+folder lacking some batches is refused instead). A damaged source (a ``.zip`` or one of its members,
+a pickle, an image) is one :class:`UserError` line naming the file; a ``.zip`` is read in memory,
+never extracted, and one with a member path leaving its folder (``../x``) is refused.
 
 Class indices follow the sorted class-folder names, which for CIFAR-10 is the standard order; GTSRB
 classes are the numeric class ids, Tiny-ImageNet's the sorted wnids (BackdoorBench's ImageFolder).
@@ -48,7 +51,13 @@ CACHE_VERSION = 1
 def _find_source(spec: DatasetSpec, path: Path):
     """Return (kind, location) for the first accepted layout under ``path``, or None."""
     if path.is_file():
-        return ("zip", path) if zipfile.is_zipfile(path) else None
+        if zipfile.is_zipfile(path):
+            return "zip", path
+        if path.suffix.lower() == ".zip":
+            state = "it is empty, 0 bytes" if path.stat().st_size == 0 else \
+                "cut short or damaged: no end-of-archive record"
+            raise UserError(f"{path} is not a readable .zip archive ({state}); copy or create the .zip again")
+        return None
     if not path.is_dir():
         return None
     for folder in (path, path / spec.name):
@@ -130,16 +139,53 @@ def _decode(spec: DatasetSpec, kind: str, location: Path):
         return read_tiny(location, spec.image_size)
     numeric = spec.name == "gtsrb"  # GTSRB's class folders are class ids: 0..42 in numeric order
     if kind == "zip":
-        with zipfile.ZipFile(location) as zf:
-            entries = split_entries([n for n in zf.namelist() if not n.endswith("/")])
-            if entries is None:
-                raise UserError(f"{location} does not hold one train/<class>/ and test/<class>/ image tree")
-            return read_image_tree(entries, zf.read, spec.image_size, str(location), numeric, read_in_workers=False)
+        return _decode_zip(location, spec.image_size, numeric)
     names = [str(p.relative_to(location)) for p in location.rglob("*") if p.is_file()]
     entries = split_entries(names)
     if entries is None:
         raise UserError(f"{location} does not hold train/<class>/ and test/<class>/ image folders")
     return read_image_tree(entries, lambda n: (location / n).read_bytes(), spec.image_size, str(location), numeric)
+
+
+def _zip_damaged(location: Path, e: Exception, member: str | None = None) -> UserError:
+    what = f"{member} in {location}" if member else str(location)
+    return UserError(f"cannot read {what} ({type(e).__name__}: {e}); the .zip is damaged (or uses a compression or "
+                     f"encryption Python cannot read): copy or create the .zip again")
+
+
+def _decode_zip(location: Path, size: int, numeric: bool):
+    """The image tree in a ``.zip``, read member by member in memory (nothing is extracted); a damaged
+    archive or member, or a member whose path leaves the archive's folder, is one line."""
+    try:
+        zf = zipfile.ZipFile(location)
+    except Exception as e:  # noqa: BLE001 - BadZipFile, NotImplementedError, OSError: all a damaged archive
+        raise _zip_damaged(location, e) from None
+    with zf:
+        names = [n for n in zf.namelist() if not n.endswith("/")]
+        for name in names:
+            if name.startswith(("/", "\\")) or ".." in name.replace("\\", "/").split("/"):
+                raise UserError(f"{location} holds the member {name!r}, whose path leaves the archive's folder; a "
+                                f"dataset .zip has none: create the .zip again from the image folders")
+        entries = split_entries(names)
+        if entries is None:
+            raise UserError(f"{location} does not hold one train/<class>/ and test/<class>/ image tree")
+
+        def read_member(name: str) -> bytes:
+            try:
+                return zf.read(name)
+            except Exception as e:  # noqa: BLE001 - BadZipFile (CRC, header), zlib.error, NotImplementedError, ...
+                raise _zip_damaged(location, e, name) from None
+        return read_image_tree(entries, read_member, size, str(location), numeric, read_in_workers=False)
+
+
+def _missing_pickles(spec: DatasetSpec, path: Path) -> None:
+    """A CIFAR-10 pickle folder with some of its six batches is a damaged copy, not one to download over."""
+    names = CIFAR10_TRAIN_BATCHES + ["test_batch"]
+    for folder in (path, path / spec.name, path / "cifar-10-batches-py", path / spec.name / "cifar-10-batches-py"):
+        missing = [n for n in names if not (folder / n).is_file()]
+        if 0 < len(missing) < len(names):
+            raise UserError(f"{folder} holds CIFAR-10 pickles but not {', '.join(missing)}; restore the file(s) from "
+                            f"cifar-10-python.tar.gz, or remove {folder} to download CIFAR-10 again")
 
 
 def _download_cifar10(path: Path) -> None:
@@ -163,6 +209,8 @@ def load_dataset(name: str, path: str | os.PathLike, cache_dir: str | os.PathLik
     spec = get_spec(name)
     path = Path(path).expanduser()
     source = _find_source(spec, path)
+    if source is None and spec.name == "cifar10":
+        _missing_pickles(spec, path)
     if source is None and spec.name == "cifar10" and download and not path.is_file() and path.suffix != ".zip":
         _download_cifar10(path)
         source = _find_source(spec, path)
