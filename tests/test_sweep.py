@@ -3,8 +3,6 @@ failure reporting) on tiny real runs, in its own pool and through submitit's loc
 builder's tests are in test_tables.py."""
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 import re
 
@@ -12,19 +10,9 @@ import pytest
 from conftest import ROOT, expect_error, interrupt_after_saves
 
 import attack.badnet as badnet
+import sweeps.launch as launch
 from sweeps.collect import collect
 from utils.cli import cli_main
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "sweeps" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-launch = _script("launch")
-
 
 # ----------------------------------------------------------------------------- the launcher on tiny runs
 

@@ -6,17 +6,17 @@ attacks too weak to compare defenses on marked; where --out writes, and its refu
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import shutil
 from collections import Counter
 
 import pytest
 import yaml
-from conftest import ROOT, copy_record, expect_error, run_args
+from conftest import copy_record, expect_error, run_args
 
 import defense.ft as ft
 import sweeps.collect
+import sweeps.results_table as results_table
 from sweeps.collect import REPLACED_MARK, collect
 from sweeps.formats import CSV_COLUMNS, format_runs, format_text, rank_marks
 from sweeps.grouping import build_tables
@@ -25,16 +25,6 @@ from sweeps.table_files import write_tables
 from sweeps.tables import MIN_BACKDOOR_ASR, WEAK_NOTE
 from utils.cli import cli_main
 from utils.record import REQUIRED_FILES, sha256_file, write_manifest
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "sweeps" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-results_table = _script("results_table")
 
 # ----------------------------------------------------------------------------- tables on hand-written records
 
