@@ -97,6 +97,9 @@ class Attack:
     # record, which holds what was read from them (trigger.safetensors), so records stay portable.
     local_keys: tuple[str, ...] = ()
     indexed_trigger: bool = False  # the trigger methods also take the images' indices (module docstring)
+    # Common flags this attack has no use for, each with the reason (the rule every script follows,
+    # defense.base.Defense too): accepted, and a value given for one is logged as ignored.
+    ignored_flags: dict[str, str] = {}
     cache_rebuilt_test_set: bool = False  # the exact rebuild is slow: keep the rebuilt set in the cache
 
     @classmethod

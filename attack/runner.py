@@ -33,7 +33,7 @@ from utils.logs import run_logger, setup_logging
 from utils.metrics import mean
 from utils.record import load_tensors, save_tensors, write_yaml
 from utils.report import EpochReporter, announce_plan
-from utils.run import add_resume_argument, claim_run, finish_run, open_log
+from utils.run import add_resume_argument, claim_run, finish_run, log_ignored, open_log
 from utils.sources import load_dataset
 from utils.train import build_optimizer, build_scheduler, fit
 
@@ -86,7 +86,8 @@ def run_attack(attack: type[Attack], argv=None) -> Path:
                    "with the seed; for smoke runs; recorded, and the defenses use the same subset)")
     add_resume_argument(g)
     attack.add_arguments(parser.add_argument_group(attack.name))
-    cfg = resolve_config(parser, _base_files(attack), argv)
+    dropped: list[str] = []
+    cfg = resolve_config(parser, _base_files(attack), argv, ignored=attack.ignored_flags, dropped=dropped)
     cfg.attack = attack.name
     spec = get_spec(cfg.dataset)
     _validate(cfg, spec)
@@ -95,6 +96,7 @@ def run_attack(attack: type[Attack], argv=None) -> Path:
         with torch.device("meta"):  # an unknown model or a pretrained start without its file: before any write
             new_model(cfg, spec.num_classes)
     setup_logging()
+    log_ignored(attack.name, dropped, attack.ignored_flags)
     device = resolve_device(cfg.device)
 
     # Everything that can refuse the run is checked before the slow work and before any write.

@@ -31,7 +31,8 @@ neighbour, torchvision's default interpolation), RandomHorizontalFlip(0.5) on CI
 crop is padding + slicing; the rotation is torchvision's tensor ``rotate`` grid (centre of the
 image, ``grid_sample`` nearest, ``align_corners=False``) recomputed here batched; every random draw
 comes from the loader's generator, so a resumed run is bit-identical. ``--random_crop_padding`` and
-``--random_hflip`` (the default augmentation) are not used by this attack.
+``--random_hflip`` (the default augmentation) are not used by this attack: a value given for either
+is logged as ignored (``ignored_flags``).
 
 Where this differs from BackdoorBench, and why:
   * BackdoorBench warps and augments normalised tensors; here the warp runs on the 0..255 scale
@@ -228,6 +229,8 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator, *, padding: 
 class WaNet(Attack):
     """WaNet warping-based attack (Nguyen & Tran, ICLR 2021), BackdoorBench defaults."""
     name = "wanet"
+    ignored_flags = {"random_crop_padding": "WaNet augments with its own --random_crop and --random_rotation",
+                     "random_hflip": "WaNet flips CIFAR-10 batches in its own augmentation"}
 
     @classmethod
     def add_arguments(cls, parser) -> None:

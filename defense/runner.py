@@ -19,12 +19,12 @@ from utils.errors import UserError
 from utils.evaluate import Evaluator
 from utils.flags import INHERITED_KEYS, portable
 from utils.loader import Normalizer
-from utils.logs import run_logger, setup_logging
+from utils.logs import setup_logging
 from utils.metrics import der
 from utils.plots import save_plot
 from utils.record import load_into, load_tensors, save_tensors, write_yaml
 from utils.report import EpochReporter, announce_plan, write_csv
-from utils.run import add_resume_argument, claim_run, finish_run, open_log
+from utils.run import add_resume_argument, claim_run, finish_run, log_ignored, open_log
 from utils.sources import load_dataset
 from utils.train import EpochHook
 
@@ -138,9 +138,7 @@ def run_defense(defense: Defense, argv=None) -> Path:
         check_range("ratio", cfg.ratio, 0.0, 1.0)
     cfg.defense = name
     setup_logging()
-    for flag in dropped:
-        run_logger().warning("%s does not use --%s (%s); the value given is ignored", name, flag,
-                             defense.ignored_flags[flag])
+    log_ignored(name, dropped, defense.ignored_flags)
     record = loaded[0]
     meta = record.meta
     if cfg.dataset != meta["dataset"]["name"]:

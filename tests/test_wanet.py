@@ -304,9 +304,12 @@ def test_bad_input_writes_nothing(capsys, tiny_data, tmp_path):
 
 def test_end_to_end_then_d3_and_rebuild(tiny_data, tmp_path):
     data = str(tiny_data["pickles"])
-    main(["--save_folder_name", "x", *run_args(tiny_data, tmp_path), *TINY, "--epochs", "1"])
+    main(["--save_folder_name", "x", *run_args(tiny_data, tmp_path), *TINY, "--epochs", "1", "--random_hflip", "false"])
     rec = tmp_path / "x"
     assert (rec / "summary.json").is_file()
+    # a common flag WaNet has no use for (its own augmentation flips): logged as ignored, not recorded
+    assert "wanet does not use --random_hflip" in (rec / "attack.log").read_text()
+    assert yaml.safe_load((rec / "config.yaml").read_text())["random_hflip"] is not False
     meta = read_json(rec / "record.json")
     assert meta["attack"] == "wanet" and meta["attack_label_trans"] == "all2one" and meta["attack_target"] == 0
     config = yaml.safe_load((rec / "config.yaml").read_text())

@@ -10,9 +10,15 @@ from pathlib import Path
 from utils.checkpoint import CHECKPOINT, Checkpoint
 from utils.config import Config, str2bool
 from utils.flags import RESUMABLE_KEYS, portable
-from utils.logs import log_config, log_to_file
+from utils.logs import log_config, log_to_file, run_logger
 from utils.output import check_writable, claim_output, plan_output, writing_output
 from utils.record import write_json, write_manifest
+
+
+def log_ignored(script: str, dropped: list[str], reasons: dict[str, str]) -> None:
+    """One line per common flag given to a script that has no use for it (``resolve_config``'s ``dropped``)."""
+    for flag in dropped:
+        run_logger().warning("%s does not use --%s (%s); the value given is ignored", script, flag, reasons[flag])
 
 
 def add_resume_argument(group) -> None:
