@@ -53,6 +53,9 @@ def load_attack_record(record_dir: Path) -> AttackRecord:
     if not is_finished(record_dir):
         advice = ("rerun the attack that wrote it with --overwrite" if record_dir.is_dir() else
                   f"create one with, e.g., python attack/badnet.py --save_folder_name {record_dir.name}")
+        if (record_dir / "attack_result.pt").is_file():  # a BackdoorBench record: import it first
+            advice = (f"it holds a BackdoorBench attack_result.pt: import it with python attack/import_backdoorbench.py"
+                      f" --bb_record {record_dir} --dataset_path DATA --save_folder_name NAME, then defend NAME")
         raise UserError(f"no finished attack record at {record_dir}: {describe_unfinished(record_dir)}; {advice}")
     meta = read_manifest(record_dir, "attack")
     config = read_yaml(record_dir / "config.yaml")

@@ -193,7 +193,9 @@ def collect(path: Path, include_replaced: bool = False) -> list[Result]:
         if not problem:
             summary, problem = _summary(attack.folder)
         name, dataset = attack.folder.name, meta.get("dataset", {}).get("name", "")
-        rows.append(Result(name, meta.get("attack", "?"), NO_DEFENSE, meta.get("model", ""), dataset, summary,
+        # an imported record's row is labelled with its source attack (record.json "source")
+        label = str((meta.get("source") if isinstance(meta.get("source"), dict) else meta).get("attack", "?"))
+        rows.append(Result(name, label, NO_DEFENSE, meta.get("model", ""), dataset, summary,
                            problem, settings))
         attack_sha = digests.get(attack.folder / "record.json")
         for d in defenses:
@@ -204,7 +206,7 @@ def collect(path: Path, include_replaced: bool = False) -> list[Result]:
                 dproblem = "defends an earlier run of this attack record"
             if not dproblem:
                 dsummary, dproblem = _summary(d.folder)
-            rows.append(Result(name, meta.get("attack", "?"), d.folder.name, d.meta.get("model", meta.get("model", "")),
+            rows.append(Result(name, label, d.folder.name, d.meta.get("model", meta.get("model", "")),
                                dataset, dsummary, dproblem, settings))
     kept = {r.record: r for r in rows if r.defense == NO_DEFENSE}
     for link, keep in aliases:
