@@ -5,7 +5,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # The floors, lowest first: a module imports from its own floor or below, never above.
-FLOORS = ["utils", "models", "attack", "defense", "sweeps", "tools"]
+FLOORS = ["utils", "models", "attack", "defense", "analysis", "sweeps", "tools"]
 MAX_FRAMEWORK_LINES = 350
 
 
