@@ -2,6 +2,7 @@
 train (resumably), evaluate, and write the record (see :mod:`attack.base` for what an attack declares)."""
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from utils.metrics import mean
 from utils.record import load_tensors, save_tensors, write_yaml
 from utils.report import EpochReporter, announce_plan
 from utils.run import add_resume_argument, claim_run, finish_run, log_ignored, open_log
+from utils.sam import SAM
 from utils.sources import load_dataset
 from utils.train import build_optimizer, build_scheduler, fit
 
@@ -68,6 +70,27 @@ def _validate(cfg: Config, spec: DatasetSpec) -> None:
         raise UserError(f"--save_folder_name {cfg.save_folder_name!r} must be a plain folder name")
 
 
+def _check_sam(attack: type[Attack], cfg: Config) -> None:
+    rho = getattr(cfg, "sam_rho", None)  # absent unless given: records without it keep their config
+    if rho is None:
+        return
+    if not (math.isfinite(rho) and rho > 0):
+        raise UserError(f"--sam_rho {rho} must be a finite number above 0 (the paper's budgets: 1.0, 2.0, 3.0)")
+    if attack.learns_trigger:
+        raise UserError(f"--sam_rho is not offered for {attack.name}: its trigger generator trains through the "
+                        f"classifier's loss, so SAM's second pass would add a second gradient to the generator")
+
+
+def _sam_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, cfg: Config, logger):
+    """``--sam_rho``: the classifier's optimiser wrapped in FT-SAM's adaptive SAM (:mod:`utils.sam`); the
+    scheduler and the checkpoint keep using the base optimiser's state, so resuming is unchanged."""
+    rho = getattr(cfg, "sam_rho", None)
+    if rho is None:
+        return optimizer
+    logger.info("adaptive attack: the classifier trains with adaptive SAM, rho %g (utils/sam.py, as FT-SAM)", rho)
+    return SAM(optimizer, model, rho=rho, adaptive=True)
+
+
 CPU_HINT = ("the README's quick start trains a narrow model for a few epochs in about 10 minutes: "
             "--model preactresnet18_w16 --epochs 5 --lr 0.05 (add --train_subset N for a smaller smoke run)")
 
@@ -84,6 +107,8 @@ def run_attack(attack: type[Attack], argv=None) -> Path:
                    "config/attack/<name>/default.yaml (BackdoorBench's flag)")
     g.add_argument("--train_subset", type=int, help="train on N training images only (class-balanced, drawn "
                    "with the seed; for smoke runs; recorded, and the defenses use the same subset)")
+    g.add_argument("--sam_rho", type=float, help="adaptive attack (D3 paper, Sec. 4.4): train the classifier with "
+                   "FT-SAM's adaptive SAM of radius R, pushing the backdoor into a flat minimum (default: off)")
     add_resume_argument(g)
     attack.add_arguments(parser.add_argument_group(attack.name))
     dropped: list[str] = []
@@ -92,6 +117,7 @@ def run_attack(attack: type[Attack], argv=None) -> Path:
     spec = get_spec(cfg.dataset)
     _validate(cfg, spec)
     attack.check_flags(cfg, spec)
+    _check_sam(attack, cfg)
     if cfg.pretrained_path is None:
         with torch.device("meta"):  # an unknown model or a pretrained start without its file: before any write
             new_model(cfg, spec.num_classes)
@@ -157,6 +183,7 @@ def _train(attack, cfg, spec, dataset, device, work: Path, checkpoint: Checkpoin
     optimizer = build_optimizer(model.parameters(), cfg)
     epochs = attack.classifier_epochs(cfg)
     scheduler = build_scheduler(optimizer, cfg, epochs)
+    optimizer = _sam_optimizer(optimizer, model, cfg, logger)
     normalizer = Normalizer(spec.mean, spec.std, device)
     batch_hook = attack.batch_hook(cfg, artifacts, spec)
     # BackdoorBench drops the last partial batch when it trains a data-poisoning attack or the prototype
