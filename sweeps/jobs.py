@@ -12,6 +12,8 @@ Done means finished: the run's ``record.json``, written last, is present, and a 
 names the attack record it defended (a defense of an earlier run of that record is redone). A
 finished record made with other settings than the ones asked for is not silently reused: the job
 fails with a line saying which settings differ. An unfinished run is continued with ``--resume``.
+An ablation axis (a flag given a list, ``sweeps/axes.py``) is one job per value, each under its own
+name, so all of the above holds for each value.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from sweeps.axes import axis_suffix, expand, with_save_name
 from sweeps.presets import Preset, defense_flags
 from sweeps.settings import NOT_COMPARED, flag_matches, flag_values
 from utils.config import CONFIG_DIR, ROOT
@@ -112,36 +115,45 @@ class Sweep:
     defense_args: tuple[str, ...] = ()
     preset_name: str = "paper"
 
-    def record_name(self, attack: str, seed: int) -> str:
+    def record_name(self, attack: str, seed: int, axes: tuple[tuple[str, str], ...] = ()) -> str:
+        """``<prefix><attack>_s<seed>``; with attack axes ``<prefix><attack>_pratio0.1_s<seed>``."""
         model = self.model or self.preset.model
         prefix = self.prefix if self.prefix is not None else (
             f"{self.dataset}_{model}_" + ("" if self.preset_name == "paper" else f"{self.preset_name}_"))
-        return f"{prefix}{attack}_s{seed}"
+        return f"{prefix}{attack}{axis_suffix(axes)}_s{seed}"
 
     def jobs(self) -> list[Job]:
-        """Every attack job (in the order asked), then every defense job of each record."""
+        """Every attack job (in the order asked), then every defense job of each record; one job per
+        value of each axis (``sweeps/axes.py``), every seed of each value before the next attack."""
         record_dir = self.record_dir.resolve()
         logs = record_dir / "_logs"
         data_path = ["--dataset_path", self.dataset_path] if self.dataset_path else []
         run = ["--device", self.device, "--record_dir", str(record_dir)]
+        defense_variants = {d: expand(self.defense_args, "defense", d, "--defense_args") for d in self.defenses}
         attacks, defenses = [], []
         for seed in self.seeds:
             for attack in self.attacks:
-                name = self.record_name(attack, seed)
-                epochs = ["--epochs", str(self.attack_epochs)] if self.attack_epochs else []
-                cuts = [f for k, v in self.preset.cuts.get(attack, {}).items() for f in (f"--{k}", str(v))]
-                args = ["--save_folder_name", name, "--model", self.model or self.preset.model,
-                        "--dataset", self.dataset, *data_path,
-                        *self.preset.attack_flags, *epochs, *cuts, *trigger_file_flags(attack, self.resource_dir),
-                        *run,
-                        "--random_seed", str(seed), *self.attack_args]
-                attacks.append(Job("attack", attack, None, seed, name, str(record_dir), tuple(args),
-                                   str(logs / f"{name}.log")))
-                for defense in [] if attack in CLEAN_ATTACKS else self.defenses:
-                    args = ["--result_file", name, *data_path, *run, "--random_seed", str(seed),
-                            *defense_flags(defense, self.preset, self.defense_epochs), *self.defense_args]
-                    defenses.append(Job("defense", attack, defense, seed, name, str(record_dir), tuple(args),
-                                        str(logs / f"{name}.{defense}.log")))
+                for attack_args, attack_axes in expand(self.attack_args, "attack", attack, "--attack_args"):
+                    name = self.record_name(attack, seed, attack_axes)
+                    epochs = ["--epochs", str(self.attack_epochs)] if self.attack_epochs else []
+                    cuts = [f for k, v in self.preset.cuts.get(attack, {}).items() for f in (f"--{k}", str(v))]
+                    args = ["--save_folder_name", name, "--model", self.model or self.preset.model,
+                            "--dataset", self.dataset, *data_path,
+                            *self.preset.attack_flags, *epochs, *cuts, *trigger_file_flags(attack, self.resource_dir),
+                            *run,
+                            "--random_seed", str(seed), *attack_args]
+                    attacks.append(Job("attack", attack, None, seed, name, str(record_dir), tuple(args),
+                                       str(logs / f"{name}.log")))
+                    for defense in [] if attack in CLEAN_ATTACKS else self.defenses:
+                        for defense_args, axes in defense_variants[defense]:
+                            if axes:
+                                base = flag_values(defense_args).get("save_name", defense)
+                                defense_args = with_save_name(defense_args, base + axis_suffix(axes))
+                            args = ["--result_file", name, *data_path, *run, "--random_seed", str(seed),
+                                    *defense_flags(defense, self.preset, self.defense_epochs), *defense_args]
+                            log = flag_values(defense_args)["save_name"] if axes else defense
+                            defenses.append(Job("defense", attack, defense, seed, name, str(record_dir), tuple(args),
+                                                str(logs / f"{name}.{log}.log")))
         return attacks + defenses
 
 

@@ -8,9 +8,11 @@
 ``sh/sweep.sh`` and ``sh/table1.sh`` call this; ``python sweeps/results_table.py`` builds the table
 afterwards. Jobs run the scripts by path, each with its log under ``<record_dir>/_logs/``. A job
 whose output is already a finished run is skipped, an interrupted one is resumed, so the same command
-continues a stopped sweep. A line per finished job gives its wall time and figures; a failed job
-gives its log's path and does not stop the others. Exit code 1 when a job failed; 2, with one
-line, on bad input or when a sweep is already running on the same ``--record_dir``.
+continues a stopped sweep. A flag of ``--attack_args`` / ``--defense_args`` given a comma-separated
+list is an ablation axis, one run per value (``sweeps/axes.py``, ``docs/ablations.md``). A line per
+finished job gives its wall time and figures; a failed job gives its log's path and does not stop
+the others. Exit code 1 when a job failed; 2, with one line, on bad input or when a sweep is already
+running on the same ``--record_dir``.
 
 Executors: ``pool`` (default) runs on this machine, one job per ``--gpus`` entry (each sees only its
 GPU) or ``--jobs`` at a time without GPUs; ``slurm`` submits two job arrays through submitit (the
@@ -84,8 +86,12 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--resource_dir", default=str(DEFAULT_RESOURCES),
                    help="BackdoorBench's resource folder: Blended's hello_kitty.jpeg and LF's pattern are taken "
                         "from it when present")
-    g.add_argument("--attack_args", default="", help="extra flags for every attack job, in one quoted string")
-    g.add_argument("--defense_args", default="", help="extra flags for every defense job, in one quoted string")
+    g.add_argument("--attack_args", default="", help="extra flags for every attack job, in one quoted string; a "
+                   "number flag given comma-separated values (--pratio 0.01,0.1) is an axis: one record per value, "
+                   "named <prefix><attack>_pratio0.01_s<seed> (docs/ablations.md)")
+    g.add_argument("--defense_args", default="", help="extra flags for every defense job, in one quoted string; a "
+                   "number flag given comma-separated values (--lmd 1,10,20) is an axis: one run per value, saved "
+                   "as <defense>_lmd1 (its --save_name)")
     g.add_argument("--dry_run", action="store_true", help="print the jobs' commands and run nothing")
     g = p.add_argument_group("where to run")
     g.add_argument("--executor", choices=["pool", "slurm", "local"], default="pool")
@@ -135,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _launch(args: argparse.Namespace, sweep: Sweep, jobs: list) -> int:
-    print(f"sweep: {len(jobs)} jobs ({len(sweep.attacks)} attack(s) x {len(sweep.seeds)} seed(s), "
-          f"{len(sweep.defenses)} defense(s) each), preset {args.preset}: {sweep.preset.about}; "
+    records = sum(job.kind == "attack" for job in jobs)
+    print(f"sweep: {len(jobs)} jobs ({records} attack record(s): {len(sweep.attacks)} attack(s) x "
+          f"{len(sweep.seeds)} seed(s){' x axis values' if records > len(sweep.attacks) * len(sweep.seeds) else ''}"
+          f", {len(sweep.defenses)} defense(s) each), preset {args.preset}: {sweep.preset.about}; "
           f"records in {sweep.record_dir}", flush=True)
     progress = Progress(len(jobs), out=lambda line: print(line, flush=True))
     try:

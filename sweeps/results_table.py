@@ -23,12 +23,21 @@ DIR/`` (a trailing slash, or a folder that exists) writes ``DIR/table.csv``, ``D
 attacks and defenses below; ``--preset NAME`` puts the sweep preset's description (a smoke run's
 epochs, rounds and subset) under the title of each table whose records it made (their model, epochs,
 learning rate and training subset are the preset's).
+
+``--ablation FLAG`` prints the paper's ablation layout instead (Tables 2, 3, 6, 7: the flag's values as
+rows, ACC / ASR per attack and their Average; ``sweeps/ablation.py``), for one defense (``--defense
+NAME`` where several vary the flag; for an attack flag, the defense output folder shown, or ``none``);
+``--out PREFIX`` then writes ``PREFIX.csv`` and ``PREFIX.md``.
+
+    python sweeps/results_table.py --record_dir record/ablation --ablation lmd --out results/table7
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from sweeps.ablation import CSV_COLUMNS, ablation_csv_rows, build_ablation, format_ablation_markdown, \
+    format_ablation_text
 from sweeps.collect import NO_DEFENSE, collect, replaced_records
 from sweeps.formats import format_runs, format_text
 from sweeps.grouping import build_tables
@@ -36,6 +45,8 @@ from sweeps.paper import paper_table
 from sweeps.presets import PRESETS, preset_made
 from sweeps.table_files import table_prefix, write_tables
 from utils.cli import cli_main
+from utils.errors import UserError
+from utils.record import write_text
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -51,9 +62,19 @@ def main(argv: list[str] | None = None) -> str:
                    "passes it)")
     p.add_argument("--include_replaced", action="store_true", help="also show the records --overwrite replaced "
                    "(folders named <name>.replaced-<YYYYmmdd-HHMMSS>), each as a row of its own named by its folder")
+    p.add_argument("--ablation", metavar="FLAG", help="the paper's ablation layout (Tables 2, 3, 6, 7) over this "
+                   "attack or defense flag (pratio, lmd, eps, ratio...): its values as rows, ACC / ASR per attack "
+                   "and their average; --out writes PREFIX.csv and PREFIX.md")
+    p.add_argument("--defense", default=None, help="with --ablation: the defense whose runs vary the flag (where "
+                   "several do); for an attack flag, the defense output folder shown (default: the only one; none: "
+                   "the attacked models)")
     args = p.parse_args(argv)
+    if args.defense is not None and not args.ablation:
+        raise UserError("--defense goes with --ablation FLAG; leave it out for the full tables")
     prefix = table_prefix(args.out) if args.out else None  # refused before anything is read
     rows = collect(Path(args.record_dir), include_replaced=args.include_replaced)
+    if args.ablation:
+        return _ablation(args, rows, prefix)
     tables = build_tables(rows)
     preset = PRESETS[args.preset] if args.preset else None
     for table in tables if preset else []:
@@ -76,6 +97,39 @@ def main(argv: list[str] | None = None) -> str:
                      f"--include_replaced shows them")
     if prefix is not None:
         written = write_tables(tables, prefix)
+        parts.append("wrote " + ", ".join(str(p) for p in written))
+    text = "\n\n".join(parts)
+    print(text)
+    return text
+
+
+def _ablation(args: argparse.Namespace, rows: list, prefix: Path | None) -> str:
+    """The ablation tables of ``--ablation FLAG``, printed, and written under ``prefix`` when given."""
+    import pandas as pd
+    flag = args.ablation.lstrip("-")
+    tables, left_out = build_ablation(rows, Path(args.record_dir), flag, args.defense)
+    parts = [format_ablation_text(t) for t in tables]
+    problems = [f"  {r.record}{'' if r.defense == NO_DEFENSE else '/defense/' + r.defense}: {r.problem}"
+                for r in rows if r.problem]
+    if left_out:
+        parts.append(f"not in the ablation (other settings than its rows'): {', '.join(left_out)}")
+    if problems:
+        parts.append("left out:\n" + "\n".join(problems))
+    if prefix is not None:
+        written: list[Path] = []
+        try:
+            csv = pd.DataFrame(ablation_csv_rows(tables), columns=CSV_COLUMNS).to_csv(index=False)
+            for ext, text in ((".csv", csv),
+                              (".md", "\n\n".join(format_ablation_markdown(t) for t in tables) + "\n")):
+                path = prefix.with_name(prefix.name + ext)
+                prefix.parent.mkdir(parents=True, exist_ok=True)
+                write_text(path, text)
+                written.append(path)
+        except OSError as e:
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise UserError(f"cannot write the ablation files {prefix}.* ({e.strerror or e}); give --out a prefix "
+                            f"where you can write files") from None
         parts.append("wrote " + ", ".join(str(p) for p in written))
     text = "\n\n".join(parts)
     print(text)
