@@ -95,7 +95,8 @@ CPU_HINT = ("the README's quick start trains a narrow model for a few epochs in 
             "--model preactresnet18_w16 --epochs 5 --lr 0.05 (add --train_subset N for a smaller smoke run)")
 
 
-def run_attack(attack: type[Attack], argv=None) -> Path:
+def attack_parser(attack: type[Attack]):
+    """The command line of ``attack/<name>.py``: the common flags, the attack group's, the attack's own."""
     parser = new_parser((attack.__doc__ or attack.name).strip().splitlines()[0])
     add_common_arguments(parser, attack.epochs_help)
     g = parser.add_argument_group("attack")
@@ -111,6 +112,11 @@ def run_attack(attack: type[Attack], argv=None) -> Path:
                    "FT-SAM's adaptive SAM of radius R, pushing the backdoor into a flat minimum (default: off)")
     add_resume_argument(g)
     attack.add_arguments(parser.add_argument_group(attack.name))
+    return parser
+
+
+def run_attack(attack: type[Attack], argv=None) -> Path:
+    parser = attack_parser(attack)
     dropped: list[str] = []
     cfg = resolve_config(parser, _base_files(attack), argv, ignored=attack.ignored_flags, dropped=dropped)
     cfg.attack = attack.name

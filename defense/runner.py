@@ -97,10 +97,9 @@ def output_name(save_name: str | None, defense: str) -> str:
     return save_name
 
 
-def run_defense(defense: Defense, argv=None) -> Path:
-    """Resolve the config, load the record, hand the defense the model and the data its declaration
-    holds (:class:`defense.base.Defense`), write the defense output."""
-    name, holds = defense.name, defense.holds
+def defense_parser(defense: Defense):
+    """The command line of ``defense/<name>.py``: the common flags, the defense group's, the defense's own."""
+    name = defense.name
     parser = new_parser(defense.description)
     add_common_arguments(parser)
     g = parser.add_argument_group("defense")
@@ -114,6 +113,14 @@ def run_defense(defense: Defense, argv=None) -> Path:
                         f"(other settings) beside the default run, as its own column in the tables")
     if defense.add_arguments is not None:
         defense.add_arguments(parser.add_argument_group(name))
+    return parser
+
+
+def run_defense(defense: Defense, argv=None) -> Path:
+    """Resolve the config, load the record, hand the defense the model and the data its declaration
+    holds (:class:`defense.base.Defense`), write the defense output."""
+    name, holds = defense.name, defense.holds
+    parser = defense_parser(defense)
     base = CONFIG_DIR / "defense" / name / "config.yaml"
     loaded: list[AttackRecord] = []
 

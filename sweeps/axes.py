@@ -22,7 +22,6 @@ import argparse
 import importlib
 import itertools
 from functools import lru_cache
-from unittest import mock
 
 from utils.config import str2bool
 from utils.errors import UserError
@@ -30,28 +29,17 @@ from utils.errors import UserError
 SPLIT_TYPES = (int, float, str2bool)  # the argparse types whose one value may be given as a list
 
 
-class _Parsed(Exception):
-    """Carries a script's parser out of its ``main`` before anything is read or run."""
-
-
 @lru_cache(maxsize=None)
 def script_actions(kind: str, name: str) -> dict[str, argparse.Action]:
-    """The argparse actions of ``<kind>/<name>.py`` by flag name (``--lmd`` -> its action): its
-    ``main`` is called with its runner's ``resolve_config`` replaced, for the moment of the call, by
-    one that hands back the parser it was given (the runners build their parser inside ``main``)."""
-    runner = importlib.import_module(f"{kind}.runner")
-    script = importlib.import_module(f"{kind}.{name}")
-
-    def hand_back(parser, *args, **kwargs):
-        raise _Parsed(parser)
-
-    with mock.patch.object(runner, "resolve_config", hand_back):
-        try:
-            script.main([])
-        except _Parsed as parsed:
-            parser = parsed.args[0]
-        else:  # pragma: no cover - every script resolves its config first
-            return {}
+    """The argparse actions of ``<kind>/<name>.py`` by flag name (``--lmd`` -> its action), from the
+    parser its runner builds (:func:`attack.runner.attack_parser`, :func:`defense.runner.defense_parser`)."""
+    if kind == "attack":
+        from attack.base import get_attack
+        from attack.runner import attack_parser
+        parser = attack_parser(get_attack(name))
+    else:
+        from defense.runner import defense_parser
+        parser = defense_parser(importlib.import_module(f"defense.{name}").DEFENSE)
     return {opt: action for action in parser._actions for opt in action.option_strings}
 
 
