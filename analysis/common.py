@@ -109,3 +109,13 @@ def write_outputs(prefix: Path, rows: list[dict], fig, save_figure) -> tuple[Pat
     write_csv(rows, csv)
     save_figure(fig, png)
     return csv, png
+
+
+def optional_import(module: str, package: str, extra: str):
+    """``module`` of an optional dependency, or one line naming the extra that installs it."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{package} is not installed (an optional extra); install it with "
+                        f"pip install -e '.[{extra}]'") from None
