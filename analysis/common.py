@@ -119,3 +119,13 @@ def optional_import(module: str, package: str, extra: str):
     except ImportError:
         raise UserError(f"{package} is not installed (an optional extra); install it with "
                         f"pip install -e '.[{extra}]'") from None
+
+
+def add_evaluation_arguments(p, batch_help: str) -> None:
+    """The flags of an analysis that runs the record's models on its data: where the data is, the
+    device, the batch size and where the outputs go."""
+    p.add_argument("--dataset_path", default="./data", help="the data the attack used")
+    p.add_argument("--cache_dir", default=None, help="decoded datasets' cache (unset: $BACKDOOR_CACHE_DIR or ~/.cache)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--batch_size", type=int, default=512, help=batch_help)
+    p.add_argument("--out", default=None, help="write PREFIX.csv and PREFIX.png instead of the default")

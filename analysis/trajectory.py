@@ -28,8 +28,8 @@ import math
 
 import torch
 
-from analysis.common import (defense_output, evaluation_sets, model_pair, open_record, output_prefix, split_names,
-                             write_outputs)
+from analysis.common import (add_evaluation_arguments, defense_output, evaluation_sets, model_pair, open_record,
+                             output_prefix, split_names, write_outputs)
 from utils.cli import cli_main
 from utils.config import resolve_device
 from utils.device import place_model
@@ -99,11 +99,7 @@ def main(argv: list[str] | None = None):
     p.add_argument("--defense", default="ft", help="defense output(s) under <record>/defense/, joined by commas")
     p.add_argument("--points", type=int, default=21, help="points on the line, t = 0 and t = t_max included")
     p.add_argument("--t_max", type=float, default=1.0, help="last t (1 is the defended model; the paper goes to 2)")
-    p.add_argument("--dataset_path", default="./data", help="the data the attack used")
-    p.add_argument("--cache_dir", default=None, help="decoded datasets' cache (unset: $BACKDOOR_CACHE_DIR or ~/.cache)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--batch_size", type=int, default=512, help="evaluation batch size")
-    p.add_argument("--out", default=None, help="write PREFIX.csv and PREFIX.png instead of the default")
+    add_evaluation_arguments(p, "evaluation batch size")
     args = p.parse_args(argv)
     if args.points < 2:
         raise UserError(f"--points {args.points}: give at least 2 (t = 0 and t = t_max)")

@@ -31,8 +31,8 @@ import math
 import torch
 import torch.nn as nn
 
-from analysis.common import (defense_output, evaluation_sets, open_record, optional_import, output_prefix,
-                             split_names, write_outputs)
+from analysis.common import (add_evaluation_arguments, defense_output, evaluation_sets, open_record, optional_import,
+                             output_prefix, split_names, write_outputs)
 from attack.record import load_model
 from models import model_layers
 from utils.cli import cli_main
@@ -152,11 +152,7 @@ def main(argv: list[str] | None = None):
     p.add_argument("--n", type=int, default=1000, help="clean and backdoor test images each")
     p.add_argument("--random_seed", type=int, default=0, help="seeds the subsampling and the t-SNE")
     p.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity (below the number of points)")
-    p.add_argument("--dataset_path", default="./data", help="the data the attack used")
-    p.add_argument("--cache_dir", default=None, help="decoded datasets' cache (unset: $BACKDOOR_CACHE_DIR or ~/.cache)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--batch_size", type=int, default=512, help="feature extraction batch size")
-    p.add_argument("--out", default=None, help="write PREFIX.csv and PREFIX.png instead of the default")
+    add_evaluation_arguments(p, "feature extraction batch size")
     args = p.parse_args(argv)
     check_args(args)
     optional_import("sklearn.manifold", "scikit-learn", "analysis")  # before any work: one line if missing

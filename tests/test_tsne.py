@@ -1,13 +1,13 @@
 """analysis/tsne.py (Figure 4a): the features are the classifier layer's input, every subsampled point is
 embedded once per model, seeded runs repeat exactly, bad input is one line, and a missing scikit-learn
 (the optional extra ``analysis``) is one line naming the extra."""
-import csv
 import importlib
 import sys
 
 import pytest
 import torch
 from conftest import copy_record, expect_error, run_args
+from test_analysis import analysis_files, rows_of
 
 from attack.record import load_model
 from utils.loader import Normalizer
@@ -27,16 +27,6 @@ def defended(tiny_data, tiny_record, tmp_path_factory):
     d3.main(["--result_file", "badnet", *run_args(tiny_data, root), "--epochs", "1", "--ratio", "0.5",
              "--batch_size", "50"])
     return rec
-
-
-def rows_of(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
-def analysis_files(rec):
-    folder = rec / "analysis"
-    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
 
 
 def test_the_features_are_the_classifier_layers_input(defended, tiny_data):
