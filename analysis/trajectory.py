@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 import torch
 
@@ -37,7 +38,7 @@ from utils.errors import UserError
 from utils.evaluate import Evaluator
 from utils.loader import Normalizer
 from utils.plots import pyplot, save_figure
-from utils.progress import progress
+from utils.progress import progress, quiet_progress
 
 METRICS = ["clean_test_loss", "bd_test_loss", "ra_test_loss", "clean_acc", "asr", "ra"]
 
@@ -60,9 +61,12 @@ def trajectory(init: torch.nn.Module, defended: torch.nn.Module, ts: list[float]
     b = {k: v.detach().clone().to(device) for k, v in defended.state_dict().items()}  # tensors change below
     model = place_model(init, device).eval()
     rows = []
-    for t in progress(ts, desc=desc, unit="point"):
+    for i, t in enumerate(progress(ts, desc=desc, unit="point")):
         model.load_state_dict(interpolate(a, b, t))
         rows.append({"t": t, **evaluator(model)})
+        if quiet_progress():  # no bar when stderr is redirected: a line per point instead
+            print(f"{desc}: point {i + 1}/{len(ts)}, t={t:g}: ACC {100 * rows[-1]['clean_acc']:.2f} "
+                  f"ASR {100 * rows[-1]['asr']:.2f}", file=sys.stderr, flush=True)
     return rows
 
 

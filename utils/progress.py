@@ -13,6 +13,12 @@ def progress(iterable=None, **kwargs) -> tqdm:
     return tqdm(iterable, **kwargs)
 
 
+def quiet_progress() -> bool:
+    """Whether the bars are off (stderr redirected): a long loop without log lines of its own then
+    says where it is in plain lines instead."""
+    return not _is_terminal(sys.stderr)
+
+
 def _is_terminal(stream) -> bool:
     try:
         return stream.isatty()
