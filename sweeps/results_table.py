@@ -43,10 +43,9 @@ from sweeps.formats import format_runs, format_text
 from sweeps.grouping import build_tables
 from sweeps.paper import paper_table
 from sweeps.presets import PRESETS, preset_made
-from sweeps.table_files import table_prefix, write_tables
+from sweeps.table_files import table_prefix, write_files, write_tables
 from utils.cli import cli_main
 from utils.errors import UserError
-from utils.record import write_text
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -116,20 +115,9 @@ def _ablation(args: argparse.Namespace, rows: list, prefix: Path | None) -> str:
     if problems:
         parts.append("left out:\n" + "\n".join(problems))
     if prefix is not None:
-        written: list[Path] = []
-        try:
-            csv = pd.DataFrame(ablation_csv_rows(tables), columns=CSV_COLUMNS).to_csv(index=False)
-            for ext, text in ((".csv", csv),
-                              (".md", "\n\n".join(format_ablation_markdown(t) for t in tables) + "\n")):
-                path = prefix.with_name(prefix.name + ext)
-                prefix.parent.mkdir(parents=True, exist_ok=True)
-                write_text(path, text)
-                written.append(path)
-        except OSError as e:
-            for path in written:
-                path.unlink(missing_ok=True)
-            raise UserError(f"cannot write the ablation files {prefix}.* ({e.strerror or e}); give --out a prefix "
-                            f"where you can write files") from None
+        written = write_files(prefix, [
+            (".csv", pd.DataFrame(ablation_csv_rows(tables), columns=CSV_COLUMNS).to_csv(index=False)),
+            (".md", "\n\n".join(format_ablation_markdown(t) for t in tables) + "\n")], "ablation files")
         parts.append("wrote " + ", ".join(str(p) for p in written))
     text = "\n\n".join(parts)
     print(text)

@@ -68,25 +68,37 @@ def table_prefix(out: str) -> Path:
     return prefix
 
 
-def write_tables(tables: list[Table], prefix: Path) -> list[Path]:
-    """``PREFIX.csv``, ``PREFIX.md``, ``PREFIX.tex`` and ``PREFIX_cost.png``, each written atomically;
-    when one cannot be written, those already written are removed and the error is one line."""
-    import pandas as pd
+def write_files(prefix: Path, texts: list[tuple[str, str]], what: str, figure=None) -> list[Path]:
+    """``PREFIX<ext>`` for each ``(ext, text)``, each written atomically, then ``figure(prefix)`` (the
+    path of a figure it drew, or None); when one cannot be written, those already written are removed
+    and the error is one line naming ``what``."""
     written: list[Path] = []
     try:
         prefix.parent.mkdir(parents=True, exist_ok=True)
-        for ext, text in ((".csv", pd.DataFrame(csv_rows(tables), columns=CSV_COLUMNS).to_csv(index=False)),
-                          (".md", "\n\n".join(format_markdown(t) for t in tables) + "\n"),
-                          (".tex", "\n\n".join(format_latex(t) for t in tables) + "\n")):
+        for ext, text in texts:
             path = prefix.with_name(prefix.name + ext)
             write_text(path, text)
             written.append(path)
-        cost = prefix.with_name(prefix.name + "_cost.png")
-        if save_cost_figure(tables, cost):
-            written.append(cost)
+        drawn = figure(prefix) if figure is not None else None
+        if drawn is not None:
+            written.append(drawn)
     except OSError as e:
         for path in written:
             path.unlink(missing_ok=True)
-        raise UserError(f"cannot write the table files {prefix}.* ({e.strerror or e}: {e.filename or prefix}); "
+        raise UserError(f"cannot write the {what} {prefix}.* ({e.strerror or e}: {e.filename or prefix}); "
                         f"give --out a prefix (or a folder ending with /) where you can write files") from None
     return written
+
+
+def write_tables(tables: list[Table], prefix: Path) -> list[Path]:
+    """``PREFIX.csv``, ``PREFIX.md``, ``PREFIX.tex`` and ``PREFIX_cost.png`` (:func:`write_files`)."""
+    import pandas as pd
+
+    def cost_figure(prefix: Path) -> Path | None:
+        cost = prefix.with_name(prefix.name + "_cost.png")
+        return cost if save_cost_figure(tables, cost) else None
+
+    return write_files(prefix, [(".csv", pd.DataFrame(csv_rows(tables), columns=CSV_COLUMNS).to_csv(index=False)),
+                                (".md", "\n\n".join(format_markdown(t) for t in tables) + "\n"),
+                                (".tex", "\n\n".join(format_latex(t) for t in tables) + "\n")],
+                       "table files", cost_figure)
