@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from attack.base import Attack, register_attack
+from attack.base import Attack, lookup_indexed, register_attack
 from utils.errors import UserError
 from utils.record import safe_torch_load, torch_save
 
@@ -40,6 +40,8 @@ BB_COMMIT = "f02e3534645f0ee63d6848653062cd6c0d6c400d"  # SCLBD/BackdoorBench, 2
 ATTACK_FILE, DEFENSE_FILE = "attack_result.pt", "defense_result.pt"
 ATTACK_KEYS = ("model_name", "num_classes", "model", "data_path", "img_size", "clean_data", "bd_train", "bd_test")
 SPLIT_KEYS = ("bd_data_container", "original_index_array", "poison_indicator")
+
+IMPORTED_SOURCE = "the imported BackdoorBench record"  # names the looked-up images in their errors
 
 
 def _numpy_globals() -> list:
@@ -209,16 +211,6 @@ def plain_state(state: dict[str, torch.Tensor]) -> OrderedDict:
 
 # ----------------------------------------------------------------------------- the attack of imported records
 
-def _lookup(table: torch.Tensor, table_index: torch.Tensor, index, split: str) -> torch.Tensor:
-    if index is None:
-        raise UserError(f"an imported BackdoorBench record's {split} images are looked up by index; none was given")
-    index = torch.as_tensor(index, dtype=torch.long).cpu()
-    pos = torch.searchsorted(table_index, index).clamp_(max=max(len(table_index) - 1, 0))
-    if len(table_index) == 0 or not torch.equal(table_index[pos], index):
-        raise UserError(f"a {split} image was asked for that the imported BackdoorBench record does not hold")
-    return table[pos]
-
-
 @register_attack
 class BackdoorBenchRecord(Attack):
     """An attack imported from a BackdoorBench record (attack/import_backdoorbench.py): its poisoned images, looked up by index."""  # noqa: E501
@@ -232,8 +224,10 @@ class BackdoorBenchRecord(Attack):
 
     @staticmethod
     def apply_trigger(images: torch.Tensor, artifacts: dict[str, torch.Tensor], index=None) -> torch.Tensor:
-        return _lookup(artifacts["test_images"], artifacts["test_index"], index, "test").to(images.device)
+        return lookup_indexed(artifacts["test_images"], artifacts["test_index"], index, "test",
+                                  IMPORTED_SOURCE).to(images.device)
 
     @classmethod
     def apply_train_trigger(cls, images: torch.Tensor, artifacts: dict[str, torch.Tensor], index=None) -> torch.Tensor:
-        return _lookup(artifacts["train_images"], artifacts["train_index"], index, "training").to(images.device)
+        return lookup_indexed(artifacts["train_images"], artifacts["train_index"], index, "training",
+                                  IMPORTED_SOURCE).to(images.device)

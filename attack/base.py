@@ -168,6 +168,19 @@ class Attack:
         return cross_entropy_loss
 
 
+def lookup_indexed(table: torch.Tensor, table_index: torch.Tensor, index, split: str, source: str) -> torch.Tensor:
+    """The rows of ``table`` (stored poisoned images, sorted by ``table_index``) for the images at
+    ``index``: the trigger of an ``indexed_trigger`` attack whose poisoned images are looked up, not
+    computed; ``source`` names where they came from in the one-line errors."""
+    if index is None:
+        raise UserError(f"{source}: its {split} images are looked up by index; the caller gave no indices")
+    index = torch.as_tensor(index, dtype=torch.long).cpu()
+    pos = torch.searchsorted(table_index, index).clamp_(max=max(len(table_index) - 1, 0))
+    if len(table_index) == 0 or not torch.equal(table_index[pos], index):
+        raise UserError(f"{source}: a {split} image was asked for that it does not hold")
+    return table[pos]
+
+
 def register_attack(cls: type[Attack]) -> type[Attack]:
     _ATTACKS[cls.name] = cls
     return cls

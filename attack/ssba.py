@@ -104,7 +104,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attack.base import Attack, register_attack
+from attack.base import Attack, lookup_indexed, register_attack
 from attack.runner import run_attack
 from utils.backdoor import backdoor_test_indices, balanced_subset
 from utils.cli import cli_main
@@ -127,6 +127,8 @@ STATS_EVERY = 25  # encoder training steps between reads of the running figures
 APPLY_BATCH = 256
 # apply_trigger runs the encoder in float64 here: on a GPU when there is one (fast), else on the CPU.
 EXACT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+NPY_SOURCE = "SSBA's BackdoorBench .npy files"  # names the looked-up images in their errors
 
 
 # ----------------------------------------------------------------------------- the secret (BCH)
@@ -431,17 +433,6 @@ def _rows(arr: np.ndarray, index: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr[index.numpy()].transpose(0, 3, 1, 2)))
 
 
-def _lookup(table: torch.Tensor, table_index: torch.Tensor, index, split: str) -> torch.Tensor:
-    if index is None:
-        raise UserError(f"SSBA's {split} images come from BackdoorBench .npy files and are looked up by index; "
-                        f"the caller gave no indices")
-    index = torch.as_tensor(index, dtype=torch.long).cpu()
-    pos = torch.searchsorted(table_index, index).clamp_(max=len(table_index) - 1)
-    if len(table_index) == 0 or not torch.equal(table_index[pos], index):
-        raise UserError(f"SSBA record: a {split} image was asked for that the record's .npy rows do not hold")
-    return table[pos]
-
-
 # ----------------------------------------------------------------------------- the attack
 
 @register_attack
@@ -583,13 +574,15 @@ class SSBA(Attack):
         """The encoded test images: the record's encoder in float64 on the CPU, rounded to uint8 (module
         docstring); or, for a record made from .npy files, the file's rows looked up by ``index``."""
         if "test_images" in artifacts:
-            return _lookup(artifacts["test_images"], artifacts["test_index"], index, "test").to(images.device)
+            return lookup_indexed(artifacts["test_images"], artifacts["test_index"], index, "test",
+                                  NPY_SOURCE).to(images.device)
         return _encode_with(images, artifacts)
 
     @classmethod
     def apply_train_trigger(cls, images: torch.Tensor, artifacts: dict[str, torch.Tensor], index=None) -> torch.Tensor:
         if "train_images" in artifacts:
-            return _lookup(artifacts["train_images"], artifacts["train_index"], index, "training").to(images.device)
+            return lookup_indexed(artifacts["train_images"], artifacts["train_index"], index, "training",
+                                  NPY_SOURCE).to(images.device)
         return _encode_with(images, artifacts)
 
 
