@@ -94,14 +94,18 @@ def copy_record(record: Path, dest_root: Path, name: str | None = None) -> Path:
     return dest
 
 
-def expect_error(capsys, main, argv, pattern: str) -> str:
-    """Run ``main(argv)`` as the CLI does: it must exit 2 with one ``error:`` line holding ``pattern``."""
+def expect_error(capsys, main, argv, pattern: str = "") -> str:
+    """Run ``main(argv)`` as the CLI does: it must exit 2 with exactly one ``error:`` line, the last
+    (log lines may precede it), holding ``pattern``, and no traceback. Returns that line."""
     from utils.cli import cli_main
     with pytest.raises(SystemExit) as exc:
         cli_main(main, argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]  # logs may precede it on stderr
-    assert err.startswith("error: "), err
+    output = capsys.readouterr().err
+    assert exc.value.code == 2, output
+    lines = output.strip().splitlines()
+    err = lines[-1] if lines else ""
+    assert err.startswith("error: "), output
+    assert sum(line.startswith("error:") for line in lines) == 1 and "Traceback" not in output, output
     assert pattern in err, err
     return err
 

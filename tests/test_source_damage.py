@@ -30,7 +30,6 @@ import attack.lf as lf
 import attack.ssba as ssba
 import utils.readers as readers
 import utils.sources as sources
-from utils.cli import cli_main
 from utils.config import Config, check_training
 from utils.errors import UserError
 from utils.logs import setup_logging
@@ -277,19 +276,6 @@ def _no_download(monkeypatch):
     monkeypatch.setattr(sources, "_download_cifar10", refuse)
 
 
-def one_error_line(capsys, main, argv) -> str:
-    """Run ``main(argv)`` as the CLI does: exit 2, exactly one ``error:`` line (the last; log lines may
-    precede it) and no traceback. Returns that line."""
-    with pytest.raises(SystemExit) as exc:
-        cli_main(main, argv)
-    err = capsys.readouterr().err
-    assert exc.value.code == 2, err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and err.rstrip().splitlines()[-1] == errors[0], err
-    assert "Traceback" not in err, err
-    return errors[0]
-
-
 def _files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
 
@@ -309,7 +295,7 @@ def test_damaged_source_is_one_line(cell, good, tmp_path, capsys):
         dataset = "cifar10" if "--dataset" not in argv else argv[argv.index("--dataset") + 1]
         load_dataset(dataset, path, tmp_path / "cache", download=False)
         return
-    line = one_error_line(capsys, source.main, argv)
+    line = expect_error(capsys, source.main, argv)
     assert cell.words.replace("{root}", str(path)) in line, line
     assert str(path) in line, line  # names the file or folder
     assert _files(tmp_path / "rec") == [], "a refused run wrote under the record folder"
