@@ -8,6 +8,8 @@
 # timed; spread it with --gpus all or --executor slurm). See docs/adaptive-attack.md. Usage:
 #   bash sh/table5.sh [DATASET_PATH] [launcher arguments...]
 # e.g. bash sh/table5.sh ../shared/data/cifar10 --gpus all;  add --dry_run to print the jobs only.
+# PRESET=cpu_small BUDGETS=2.0 bash sh/table5.sh ../shared/data/cifar10-jpeg.zip --device cpu: the scaled-down
+# protocol for 2 CPU cores (the preset's narrow model; the records say _w16 in their names).
 # Records are named <prefix><attack>_s<seed>, the prefix cifar10_preactresnet18_sam<budget>_ per budget
 # (the launcher's default one without a budget), so no two budgets share a record; rerunning the same
 # command skips finished runs and resumes interrupted ones.
@@ -19,10 +21,13 @@ DEFENSES="${DEFENSES:-ft,ft-sam,d3}"
 BUDGETS="${BUDGETS:-none 1.0 2.0 3.0}"  # SAM radii; none: the plain attacks
 SEEDS="${SEEDS:-0}"
 RECORD_DIR="${RECORD_DIR:-record}"
+PRESET="${PRESET:-paper}"
+MODEL=preactresnet18               # the paper's model; the CPU presets bring their narrow one
+[ "$PRESET" = paper ] || MODEL=preactresnet18_w16
 TABLE="${TABLE:-results/table5}"
 
-args=(--attacks "$ATTACKS" --defenses "$DEFENSES" --preset paper --dataset cifar10 --model preactresnet18
-      --seeds "$SEEDS" --record_dir "$RECORD_DIR")
+args=(--attacks "$ATTACKS" --defenses "$DEFENSES" --preset "$PRESET" --dataset cifar10
+      --model "$MODEL" --seeds "$SEEDS" --record_dir "$RECORD_DIR")
 [ -n "$DATASET_PATH" ] && args+=(--dataset_path "$DATASET_PATH")
 dry_run=0
 for arg in "${@:2}"; do [ "$arg" = --dry_run ] && dry_run=1; done
@@ -36,7 +41,7 @@ for budget in $BUDGETS; do
       exit 2
     fi
     name="${budget%.0}"
-    budget_args=(--prefix "cifar10_preactresnet18_sam${name//./p}_" --attack_args "--sam_rho $budget")
+    budget_args=(--prefix "cifar10_${MODEL}_sam${name//./p}_" --attack_args "--sam_rho $budget")
   fi
   echo "== Table 5, SAM budget $budget ==" >&2
   python sweeps/launch.py "${args[@]}" "${budget_args[@]}" "${@:2}"
@@ -49,7 +54,7 @@ for budget in $BUDGETS; do
 done
 [ "$dry_run" = 1 ] && exit 0
 
-python sweeps/results_table.py --record_dir "$RECORD_DIR" --out "$TABLE" --preset paper || status=$?
+python sweeps/results_table.py --record_dir "$RECORD_DIR" --out "$TABLE" --preset "$PRESET" || status=$?
 cat <<'EOF'
 
 The paper's Table 5 (D3, Sec. 4.4): defense results (%) against adaptive attacks, CIFAR-10, PreAct-ResNet18.
