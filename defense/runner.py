@@ -13,7 +13,7 @@ from models import create_model, new_model
 from utils.checkpoint import CHECKPOINT, Checkpoint
 from utils.config import (CONFIG_DIR, add_common_arguments, check_range, check_training, new_parser, require,
                           resolve_config, resolve_device, seed_everything)
-from utils.datasets import ImageSet
+from utils.datasets import ImageSet, get_spec
 from utils.device import place_model
 from utils.errors import UserError
 from utils.evaluate import Evaluator
@@ -24,6 +24,7 @@ from utils.metrics import der
 from utils.plots import save_plot
 from utils.record import load_into, load_tensors, save_tensors, write_yaml
 from utils.report import EpochReporter, announce_plan, write_csv
+from utils.reserve import read_reserve_source, reserve_set
 from utils.run import add_resume_argument, claim_run, finish_run, log_ignored, open_log
 from utils.sources import load_dataset
 from utils.train import EpochHook
@@ -106,7 +107,12 @@ def defense_parser(defense: Defense):
     g.add_argument("--result_file", type=str, help="name of the attack record under --record_dir")
     g.add_argument("--ratio", type=float, help="fraction of the clean training set the defender holds")
     g.add_argument("--index", type=str,
-                   help="file of training-set indices the defender holds (overrides --ratio)")
+                   help="file of training-set indices the defender holds (overrides --ratio); with "
+                        "--reserve_dataset_path, indices of that set")
+    g.add_argument("--reserve_dataset_path", type=str,
+                   help="the defender's clean data from another labelled set, a folder or .zip of <class>/<image> "
+                        "in the record's classes and image size (e.g. generated images; the D3 paper's Table 4) "
+                        "instead of the training set; --ratio then counts that set's images")
     add_resume_argument(g)
     g.add_argument("--save_name", type=str,
                    help=f"output folder under <record>/defense/ (default: {name}); another name keeps a variant "
@@ -143,6 +149,9 @@ def run_defense(defense: Defense, argv=None) -> Path:
         index = read_index_file(cfg.index)
     else:
         check_range("ratio", cfg.ratio, 0.0, 1.0)
+    if cfg.reserve_dataset_path and holds != "reserve":
+        raise UserError(f"--reserve_dataset_path: {name} trains a new model on the poisoned training set as given and "
+                        f"holds no reserve of clean data; leave --reserve_dataset_path out")
     cfg.defense = name
     setup_logging()
     log_ignored(name, dropped, defense.ignored_flags)
@@ -150,6 +159,10 @@ def run_defense(defense: Defense, argv=None) -> Path:
     meta = record.meta
     if cfg.dataset != meta["dataset"]["name"]:
         raise UserError(f"--dataset {cfg.dataset} differs from the record's {meta['dataset']['name']}")
+    reserve = None
+    if cfg.reserve_dataset_path:  # read before the output is claimed: its fingerprint is a setting of the run
+        reserve = read_reserve_source(cfg.reserve_dataset_path, get_spec(cfg.dataset))
+        cfg.reserve_fingerprint = reserve.fingerprint
     device = resolve_device(cfg.device)
 
     # Everything that can refuse the run is checked before the slow work and before any write.
@@ -167,9 +180,9 @@ def run_defense(defense: Defense, argv=None) -> Path:
             defense.validate(cfg, model)
         bd_test = rebuild_backdoor_test(meta, record.dir, dataset, cfg.cache_dir)
         if holds == "reserve":
-            reserved = reserved_indices(dataset.train.labels, cfg, dataset.spec.num_classes, defense.reserve_per_class,
-                                        index)
-            held = dataset.train.subset(reserved)
+            pool = dataset.train if reserve is None else reserve_set(reserve, dataset.classes, dataset.test)
+            reserved = reserved_indices(pool.labels, cfg, dataset.spec.num_classes, defense.reserve_per_class, index)
+            held = pool.subset(reserved)
         else:
             reserved, held = None, poisoned_train_set(record, dataset)
         with run.writing(f"the defense {name} on {record.dir}"):
@@ -191,7 +204,11 @@ def _defend(defense: Defense, cfg, work: Path, record: AttackRecord, model, data
     write_yaml(work / "config.yaml", portable(cfg))
     if reserved is not None:
         save_tensors(work / "reserved_index.safetensors", {"reserved_index": reserved})
-        logger.info("defender holds %d clean training images", len(reserved))
+        if cfg.reserve_dataset_path:
+            logger.info("defender holds %d clean images of %s (reserve set fingerprint %s), none of the training set",
+                        len(reserved), cfg.reserve_dataset_path, cfg.reserve_fingerprint)
+        else:
+            logger.info("defender holds %d clean training images", len(reserved))
     else:
         logger.info("in-training defense: a new model trains on the poisoned training set as given (%d images)",
                     len(held))

@@ -90,7 +90,7 @@ COMMON_DEFAULTS = {
     "dataset_path": "./data", "cache_dir": None, "record_dir": "record", "device": "auto", "amp": True,
     "num_workers": 4, "eval_every": 1, "eval_batch_size": 512, "random_crop_padding": 0, "random_hflip": False,
     "overwrite": False, "resume": False, "index": None, "save_name": None, "train_subset": None, "pretrained": None,
-    "pretrained_path": None,
+    "pretrained_path": None, "reserve_dataset_path": None,
     "steplr_milestones": [], "steplr_stepsize": 30, "steplr_gamma": 0.1, "cos_t_max": None,
 }
 

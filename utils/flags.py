@@ -18,6 +18,7 @@ from __future__ import annotations
 FLAG_ROLES: dict[str, str] = {
     "dataset_path": "local", "cache_dir": "local", "record_dir": "local", "yaml_path": "local",
     "bd_yaml_path": "local", "index": "local", "overwrite": "local", "resume": "local", "pretrained_path": "local",
+    "reserve_dataset_path": "local",
     "device": "runtime", "num_workers": "runtime", "eval_batch_size": "runtime", "eval_every": "runtime",
     "amp": "runtime",
     "random_seed": "identity", "save_folder_name": "identity", "attack": "identity", "model": "identity",

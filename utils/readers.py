@@ -151,16 +151,17 @@ def _read_source_bytes(read_bytes, name, where: str) -> bytes:
         raise UserError(f"cannot read {where} ({e}); check that the file is there and readable") from e
 
 
-def _decode_checked(data: bytes, size: int, where: str, exact_for: str | None) -> np.ndarray:
+def _decode_checked(data: bytes, size: int, where: str, exact_for: str | None,
+                    advice: str = "replace it with the original file") -> np.ndarray:
     """:func:`_decode_image`, or, when ``exact_for`` names a dataset whose images all have the size
-    already, the image as it is, refusing any other size."""
+    already, the image as it is, refusing any other size (the line ends in ``advice``)."""
     if exact_for is None:
         return _decode_image(data, size, where)
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.size != (size, size):
                 raise UserError(f"image {where} is {img.size[0]}x{img.size[1]}, but {exact_for} images are all "
-                                f"{size}x{size}; replace it with the original file")
+                                f"{size}x{size}; {advice}")
             return np.asarray(img.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
     except UserError:
         raise
@@ -199,7 +200,7 @@ class _DecodeProgress:
 
 
 def decode_all(items: list, read_bytes, size: int, split: str, source: str, exact_for: str | None = None,
-               read_in_workers: bool = True) -> np.ndarray:
+               read_in_workers: bool = True, advice: str = "replace it with the original file") -> np.ndarray:
     """Decode ``items`` (``(name, where)``: ``read_bytes(name)`` gives the file, ``where`` names it in
     errors), the ``split`` images of ``source``, into uint8 ``[N, 3, size, size]``, in order. Chunks
     are decoded on a few threads (Pillow releases the GIL while it decodes and resizes); a failure
@@ -213,7 +214,7 @@ def decode_all(items: list, read_bytes, size: int, split: str, source: str, exac
         for i in range(lo, hi):
             name, where = items[i]
             data = blobs[i - lo] if blobs is not None else _read_source_bytes(read_bytes, name, where)
-            images[i] = _decode_checked(data, size, where, exact_for)
+            images[i] = _decode_checked(data, size, where, exact_for, advice)
         return hi - lo
 
     chunks = [(lo, min(lo + DECODE_CHUNK, n)) for lo in range(0, n, DECODE_CHUNK)]

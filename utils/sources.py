@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from utils.archives import open_zip
 from utils.datasets import Dataset, DatasetSpec, ImageSet, get_spec, tensor_fingerprint
 from utils.errors import UserError
 from utils.layouts import gtsrb_dirs, gtsrb_test_csv, read_gtsrb, read_tiny
@@ -147,34 +148,12 @@ def _decode(spec: DatasetSpec, kind: str, location: Path):
     return read_image_tree(entries, lambda n: (location / n).read_bytes(), spec.image_size, str(location), numeric)
 
 
-def _zip_damaged(location: Path, e: Exception, member: str | None = None) -> UserError:
-    what = f"{member} in {location}" if member else str(location)
-    return UserError(f"cannot read {what} ({type(e).__name__}: {e}); the .zip is damaged (or uses a compression or "
-                     f"encryption Python cannot read): copy or create the .zip again")
-
-
 def _decode_zip(location: Path, size: int, numeric: bool):
-    """The image tree in a ``.zip``, read member by member in memory (nothing is extracted); a damaged
-    archive or member, or a member whose path leaves the archive's folder, is one line."""
-    try:
-        zf = zipfile.ZipFile(location)
-    except Exception as e:  # noqa: BLE001 - BadZipFile, NotImplementedError, OSError: all a damaged archive
-        raise _zip_damaged(location, e) from None
-    with zf:
-        names = [n for n in zf.namelist() if not n.endswith("/")]
-        for name in names:
-            if name.startswith(("/", "\\")) or ".." in name.replace("\\", "/").split("/"):
-                raise UserError(f"{location} holds the member {name!r}, whose path leaves the archive's folder; a "
-                                f"dataset .zip has none: create the .zip again from the image folders")
+    """The image tree in a ``.zip``, read member by member in memory (:func:`utils.archives.open_zip`)."""
+    with open_zip(location) as (names, read_member):
         entries = split_entries(names)
         if entries is None:
             raise UserError(f"{location} does not hold one train/<class>/ and test/<class>/ image tree")
-
-        def read_member(name: str) -> bytes:
-            try:
-                return zf.read(name)
-            except Exception as e:  # noqa: BLE001 - BadZipFile (CRC, header), zlib.error, NotImplementedError, ...
-                raise _zip_damaged(location, e, name) from None
         return read_image_tree(entries, read_member, size, str(location), numeric, read_in_workers=False)
 
 
