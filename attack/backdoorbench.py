@@ -168,7 +168,17 @@ def read_png(path: Path, image_size: int, channels: int) -> torch.Tensor:
 def last_attack_row(folder: Path) -> dict[str, float]:
     """``test_acc`` / ``test_asr`` / ``test_ra`` of the last row of BackdoorBench's ``attack_df.csv``
     (for the log only), or ``{}``."""
-    path = folder / "attack_df.csv"
+    return last_metrics_row(folder / "attack_df.csv")
+
+
+def last_defense_row(defense_file: Path) -> dict[str, float]:
+    """The same figures of the defense beside ``defense_result.pt``, from the per-epoch table BackdoorBench's
+    trainer writes there as ``<defense>_df.csv`` (ft, nad, d-br, ...), or ``{}`` where it wrote none."""
+    return last_metrics_row(defense_file.parent / f"{defense_file.parent.name}_df.csv")
+
+
+def last_metrics_row(path: Path) -> dict[str, float]:
+    """``test_acc`` / ``test_asr`` / ``test_ra`` of the last row of a BackdoorBench ``*_df.csv``, or ``{}``."""
     try:
         rows = list(csv.DictReader(path.read_text(encoding="utf-8").splitlines()))
         last = rows[-1] if rows else {}
@@ -205,8 +215,14 @@ def write_bb_file(path: Path, obj: dict) -> None:
     torch_save(path, obj)
 
 
-def plain_state(state: dict[str, torch.Tensor]) -> OrderedDict:
-    return OrderedDict((k, v.detach().cpu().clone()) for k, v in state.items())
+def plain_state(state: dict[str, torch.Tensor], order: list[str], what: str | Path) -> OrderedDict:
+    """``state`` as plain tensors in ``order``, the model's own ``state_dict()`` order. Needed:
+    BackdoorBench's ``load_attack_result`` renames the file's keys by position to its model's, so a
+    state dict in another order (safetensors keeps its keys sorted) would load under wrong names."""
+    if set(order) != set(state):
+        raise UserError(f"{what} does not hold the parameters of its model ({len(state)} tensors, the model has "
+                        f"{len(order)}); the record is damaged")
+    return OrderedDict((k, state[k].detach().cpu().clone()) for k in order)
 
 
 # ----------------------------------------------------------------------------- the attack of imported records

@@ -7,7 +7,8 @@ clean_data, bd_train / bd_test dataset states: plain dicts, tensors and numpy ar
 this toolkit, readable by :func:`attack.backdoorbench.read_bb_file`), the poisoned images as PNGs in
 BackdoorBench's layout ``DIR/bd_train_dataset/<original label>/<index>.png`` and
 ``DIR/bd_test_dataset/...``, and ``DIR/defense/<defense>/defense_result.pt`` for each finished defense
-output (model_name, num_classes, model). The record is verified and its poisoned sets rebuilt
+output (model_name, num_classes, model); the state dicts are in the model's own ``state_dict()`` order,
+since BackdoorBench's loader names the tensors by position. The record is verified and its poisoned sets rebuilt
 (fingerprint-checked) from the clean data at ``--dataset_path``. Paths inside the file read
 ``./record/<DIR's name>/...``, as BackdoorBench writes them: put DIR under BackdoorBench's
 ``record/`` to use it there. A training-controlled attack (WaNet, Input-aware) exports the samples
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from attack.backdoorbench import ATTACK_FILE, DEFENSE_FILE, plain_state, split_state, write_bb_file, write_pngs
 from attack.record import load_attack_record, poisoned_train_set, rebuild_backdoor_test
+from models import create_model
 from utils.cli import cli_main
 from utils.errors import UserError
 from utils.logs import run_logger, setup_logging
@@ -68,19 +70,22 @@ def main(argv=None) -> Path:
     order = bd.index.argsort()
     bd_index, bd_images = bd.index[order], bd.images[order]
     name, size, num_classes = out.name, data["image_size"], data["num_classes"]
+    keys = list(create_model(meta["model"], num_classes, pretrained=False).state_dict())  # the model's own order
     obj = {"model_name": meta["model"], "num_classes": num_classes,
-           "model": plain_state(load_tensors(record.dir / "model.safetensors")),
+           "model": plain_state(load_tensors(record.dir / "model.safetensors"), keys, record.dir / "model.safetensors"),
            "data_path": f"./data/{data['name']}", "img_size": [size, size, 3], "clean_data": data["name"],
            "bd_train": split_state(name, "train", len(dataset.train), index, poisoned.labels[index],
                                    dataset.train.labels[index]),
            "bd_test": split_state(name, "test", len(dataset.test), bd_index, bd.target_labels[order],
                                   bd.true_labels[order])}
+    states = [(dname, plain_state(state, keys, record.dir / "defense" / dname / "model.safetensors"))
+              for dname, state in defenses]  # all checked before anything is written
     out.mkdir(parents=True)
     write_pngs(out, "train", index, poisoned.images[index], dataset.train.labels[index])
     write_pngs(out, "test", bd_index, bd_images, bd.true_labels[order])
-    for dname, state in defenses:
+    for dname, state in states:
         write_bb_file(out / "defense" / dname / DEFENSE_FILE,
-                      {"model_name": meta["model"], "num_classes": num_classes, "model": plain_state(state)})
+                      {"model_name": meta["model"], "num_classes": num_classes, "model": state})
     write_bb_file(out / ATTACK_FILE, obj)  # last: a folder without it is no record
     run_logger().info("exported %s as a BackdoorBench record: %s (%d poisoned training, %d backdoor test images, "
                       "%d defense result(s))", record.dir, out, len(index), len(bd_index), len(defenses))

@@ -13,7 +13,8 @@ indices, looked up by index when a defense rebuilds the sets. ``record.json`` ke
 against). ACC / ASR / RA are measured here and logged beside the last row of ``attack_df.csv``.
 
 Every ``<bb_record>/defense/<defense>/defense_result.pt`` becomes the defense output
-``record/NAME/defense/bb_<defense>/`` (the model of that file, evaluated here), beside the native
+``record/NAME/defense/bb_<defense>/`` (the model of that file, evaluated here, logged beside the last
+row of BackdoorBench's ``<defense>_df.csv`` there), beside the native
 defenses run later. Everything is read and checked before anything is written; a refusal is one line,
 exit 2. Export: ``attack/export_backdoorbench.py``.
 """
@@ -32,6 +33,7 @@ from attack.backdoorbench import (
     DEFENSE_FILE,
     BackdoorBenchRecord,
     last_attack_row,
+    last_defense_row,
     read_bb_file,
     read_split,
     state_dict,
@@ -221,18 +223,21 @@ def _import_defense(path: Path, model, record_dir: Path, name: str, record_sha: 
                                                                     "sha256": sha256_file(path)}})
         save_tensors(work / "model.safetensors", model.state_dict())
         after = evaluator(model)
-        write_csv([{"epoch": 0, **{k: after[k] for k in ("clean_acc", "asr", "ra")}}], work / "metrics.csv")
+        row = last_defense_row(path)  # BackdoorBench's own figures, kept beside ours
+        bb = {f"backdoorbench_{k}": v for k, v in row.items()}
+        write_csv([{"epoch": 0, **{k: after[k] for k in ("clean_acc", "asr", "ra")}, **bb}], work / "metrics.csv")
         summary = {"clean_acc": after["clean_acc"], "asr": after["asr"], "ra": after["ra"],
                    "der": der(before["clean_acc"], before["asr"], after["clean_acc"], after["asr"]),
                    "attack_clean_acc": before["clean_acc"], "attack_asr": before["asr"], "attack_ra": before["ra"],
-                   "epochs": 0, "imported_from": str(path)}
+                   "epochs": 0, "imported_from": str(path), **bb}
         meta = {"kind": "defense", "defense": defense, "model": cfg.model, "attack_record": name,
                 "attack_record_sha256": record_sha,
                 "dataset": _read_dataset(record_dir), "source": {"format": "backdoorbench", "file": DEFENSE_FILE,
                                                                  "sha256": sha256_file(path)}}
         finish_run(work, summary, meta, DEFENSE_FILES)
-    run_logger().info("imported %s as %s: clean_acc=%.4f asr=%.4f ra=%.4f", path, out_dir, after["clean_acc"],
-                      after["asr"], after["ra"])
+    run_logger().info("imported %s as %s: clean_acc=%.4f asr=%.4f ra=%.4f; BackdoorBench's last %s_df.csv row: %s",
+                      path, out_dir, after["clean_acc"], after["asr"], after["ra"], path.parent.name,
+                      ", ".join(f"{k}={v:.4f}" for k, v in row.items()) or "none")
 
 
 def _read_dataset(record_dir: Path) -> dict:

@@ -71,6 +71,9 @@ def make_bb_record(tiny_data, root: Path, name: str = "badnet_bb", target: int =
         other = create_model("preactresnet18", 10, pretrained=False).state_dict()
         torch.save({"model_name": "preactresnet18", "num_classes": 10, "model": other},
                    folder / "defense" / "ft" / "defense_result.pt")
+        # the per-epoch table BackdoorBench's trainer writes beside it (pandas' index column first)
+        (folder / "defense" / "ft" / "ft_df.csv").write_text(
+            ",epoch,batch,train_acc,test_acc,test_asr,test_ra\n0,0,2,0.5,0.41,0.07,0.45\n1,1,2,0.6,0.46,0.05,0.49\n")
     return folder
 
 
@@ -111,6 +114,9 @@ def test_import_is_a_native_record_that_defenses_and_tables_read(imported, tiny_
     assert all(torch.equal(stored[k], v) for k, v in model.state_dict().items())
     summary = json.loads((record / "defense" / "bb_ft" / "summary.json").read_text())
     assert 0 <= summary["asr"] <= 1
+    # BackdoorBench's own figures of its defense (the last row of ft_df.csv) are kept beside ours
+    assert {k: summary[f"backdoorbench_{k}"] for k in ("test_acc", "test_asr", "test_ra")} == \
+        {"test_acc": 0.46, "test_asr": 0.05, "test_ra": 0.49}
     ft.main(["--result_file", "bb", "--record_dir", str(record.parent), "--dataset_path", str(tiny_data["pickles"]),
              "--epochs", "1", "--ratio", "0.05", "--device", "cpu"])
     rows = collect(record.parent)
@@ -177,8 +183,17 @@ def test_export_then_import_keeps_weights_images_and_indices(imported, tiny_data
     out = tmp_path / "record" / "bb_out"
     exp.main(["--result_file", record.name, "--record_dir", str(record.parent), "--out", str(out),
               "--dataset_path", str(tiny_data["pickles"])])
-    assert isinstance(read_bb_file(out / "attack_result.pt"), dict)
+    obj = read_bb_file(out / "attack_result.pt")
     assert isinstance(read_bb_file(out / "defense" / "bb_ft" / "defense_result.pt")["model"], dict)
+    # BackdoorBench's load_attack_result gives the file's tensors the names of its model's state_dict() by
+    # position: the exported state dicts must be in the model's own order (not safetensors' sorted one)
+    model = create_model("preactresnet18", 10, pretrained=False)
+    stored = load_tensors(record / "model.safetensors")
+    for state in (obj["model"], read_bb_file(out / "defense" / "bb_ft" / "defense_result.pt")["model"]):
+        by_position = dict(zip(model.state_dict(), state.values()))
+        assert list(state) == list(model.state_dict())
+        assert all(torch.equal(by_position[k], state[k]) for k in state)
+    assert all(torch.equal(obj["model"][k], stored[k]) for k in stored)
     assert sorted(p.name for p in (out / "bd_test_dataset").iterdir()) == [str(k) for k in range(1, 10)]
     with zipfile.ZipFile(out / "attack_result.pt") as z:  # plain data only: no class of ours
         pkl = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
