@@ -191,7 +191,7 @@ def main(argv=None) -> Path:
         write_csv([{"epoch": 0, **{k: found[k] for k in ("clean_acc", "asr", "ra")},
                     **{f"backdoorbench_{k}": v for k, v in bb.items()}}], work / "metrics.csv")
         summary = {"clean_acc": found["clean_acc"], "asr": found["asr"], "ra": found["ra"], "epochs": 0,
-                   "device": str(device), "imported_from": str(path),
+                   "device": str(device), "imported_from": f"{folder.name}/{ATTACK_FILE}",  # no absolute path
                    **{f"backdoorbench_{k}": v for k, v in bb.items()}}
         finish_run(work, summary, {
             "kind": "attack", "attack": attack.name, "model": obj["model_name"], "source": source,
@@ -229,7 +229,7 @@ def _import_defense(path: Path, model, record_dir: Path, name: str, record_sha: 
         summary = {"clean_acc": after["clean_acc"], "asr": after["asr"], "ra": after["ra"],
                    "der": der(before["clean_acc"], before["asr"], after["clean_acc"], after["asr"]),
                    "attack_clean_acc": before["clean_acc"], "attack_asr": before["asr"], "attack_ra": before["ra"],
-                   "epochs": 0, "imported_from": str(path), **bb}
+                   "epochs": 0, "imported_from": "/".join(path.parts[-4:]), **bb}  # <folder>/defense/<d>/<file>
         meta = {"kind": "defense", "defense": defense, "model": cfg.model, "attack_record": name,
                 "attack_record_sha256": record_sha,
                 "dataset": _read_dataset(record_dir), "source": {"format": "backdoorbench", "file": DEFENSE_FILE,

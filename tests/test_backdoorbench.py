@@ -114,6 +114,9 @@ def test_import_is_a_native_record_that_defenses_and_tables_read(imported, tiny_
     assert all(torch.equal(stored[k], v) for k, v in model.state_dict().items())
     summary = json.loads((record / "defense" / "bb_ft" / "summary.json").read_text())
     assert 0 <= summary["asr"] <= 1
+    # where it came from, without the machine's paths (records copy to other machines)
+    assert summary["imported_from"] == f"{bb.name}/defense/ft/defense_result.pt"
+    assert json.loads((record / "summary.json").read_text())["imported_from"] == f"{bb.name}/attack_result.pt"
     # BackdoorBench's own figures of its defense (the last row of ft_df.csv) are kept beside ours
     assert {k: summary[f"backdoorbench_{k}"] for k in ("test_acc", "test_asr", "test_ra")} == \
         {"test_acc": 0.46, "test_asr": 0.05, "test_ra": 0.49}
