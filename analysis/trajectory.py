@@ -9,7 +9,10 @@ R/defense/D/. The path theta_t = theta_init + t (theta_def - theta_init), t from
 variances are interpolated too (the model is evaluated in eval mode, so those running statistics are
 the ones it normalises with); integer buffers (BatchNorm's ``num_batches_tracked``) are taken from
 theta_init, as nothing is evaluated with them. The point is computed with ``torch.lerp``, exact at
-both ends: t = 0 is the attacked model and t = 1 the defended one, bit for bit.
+both ends: t = 0 is the attacked model and t = 1 the defended one, bit for bit. Past t = 1 (or below
+0) a running variance can cross zero; the model is then undefined (it computes NaN, which an argmax
+would score as class 0, a false 100% ASR for target 0), so such a point is not evaluated: its
+metrics are NaN in the CSV, a gap in the plot, and a line says how many variances were not positive.
 
 At each t: the clean loss (cross-entropy on the clean test set), the backdoor loss (cross-entropy of
 the backdoor test set against the attack's target labels), ACC, ASR and RA, in float32 (no autocast).
@@ -50,6 +53,11 @@ def interpolate(init: dict[str, torch.Tensor], defended: dict[str, torch.Tensor]
             for k, a in init.items()}
 
 
+def nonpositive_variances(state: dict[str, torch.Tensor]) -> int:
+    """How many BatchNorm running variances of ``state`` are not positive (a point past the ends)."""
+    return sum(int((v <= 0).sum()) for k, v in state.items() if k.endswith("running_var"))
+
+
 def steps(points: int, t_max: float) -> list[float]:
     return [t_max * i / (points - 1) for i in range(points)]
 
@@ -62,7 +70,14 @@ def trajectory(init: torch.nn.Module, defended: torch.nn.Module, ts: list[float]
     model = place_model(init, device).eval()
     rows = []
     for i, t in enumerate(progress(ts, desc=desc, unit="point")):
-        model.load_state_dict(interpolate(a, b, t))
+        state = interpolate(a, b, t)
+        bad = nonpositive_variances(state)
+        if bad:
+            print(f"{desc}: t={t:g}: {bad} BatchNorm running variance(s) not positive, the model is undefined "
+                  f"there; left out (NaN)", file=sys.stderr, flush=True)
+            rows.append({"t": t, **{m: math.nan for m in METRICS}})
+            continue
+        model.load_state_dict(state)
         rows.append({"t": t, **evaluator(model)})
         if quiet_progress():  # no bar when stderr is redirected: a line per point instead
             print(f"{desc}: point {i + 1}/{len(ts)}, t={t:g}: ACC {100 * rows[-1]['clean_acc']:.2f} "

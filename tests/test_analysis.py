@@ -2,6 +2,7 @@
 the weight differences of D3's layers (Figure 4b), on the tiny record defended by FT and D3."""
 import csv
 import json
+import math
 import importlib
 
 import pytest
@@ -99,6 +100,24 @@ def test_batchnorm_buffers_are_interpolated_and_integer_buffers_kept():
     for t, ref in ((0.0, a), (1.0, b)):
         ends = trajectory.interpolate(a.state_dict(), b.state_dict(), t)
         assert all(torch.equal(ends[k], v) for k, v in ref.state_dict().items() if v.is_floating_point())
+
+
+def test_a_point_whose_running_variance_crosses_zero_is_left_out_not_scored(capsys):
+    """Past t = 1 a variance can turn negative: the model computes NaN there, which an argmax would
+    count as class 0 (a false 100% ASR); the point is NaN instead, and only defined points are evaluated."""
+    a, b = torch.nn.BatchNorm1d(2).eval(), torch.nn.BatchNorm1d(2).eval()
+    a.running_var.fill_(3.0)
+    b.running_var.copy_(torch.tensor([1.0, 2.0]))  # var_t = 3 - 2t (first channel): 0 at t = 1.5
+    evaluated = []
+
+    def evaluator(model):
+        evaluated.append(model.running_var.clone())
+        return {m: 1.0 for m in trajectory.METRICS}
+    rows = trajectory.trajectory(a, b, [0.0, 1.0, 1.4, 1.5, 2.0], evaluator, torch.device("cpu"))
+    assert [r["t"] for r in rows] == [0.0, 1.0, 1.4, 1.5, 2.0] and len(evaluated) == 3
+    assert all(r["asr"] == 1.0 for r in rows[:3])
+    assert all(math.isnan(r[m]) for r in rows[3:] for m in trajectory.METRICS)
+    assert "t=1.5: 1 BatchNorm running variance(s) not positive" in capsys.readouterr().err
 
 
 def test_trajectory_of_the_tiny_model_interpolates_its_bn_statistics(defended):
