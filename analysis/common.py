@@ -129,3 +129,9 @@ def add_evaluation_arguments(p, batch_help: str) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch_size", type=int, default=512, help=batch_help)
     p.add_argument("--out", default=None, help="write PREFIX.csv and PREFIX.png instead of the default")
+
+
+def check_evaluation_arguments(args) -> None:
+    """One line for a value of :func:`add_evaluation_arguments`' flags that cannot work."""
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size {args.batch_size}: give a positive number")

@@ -32,8 +32,8 @@ import sys
 
 import torch
 
-from analysis.common import (add_evaluation_arguments, defense_output, evaluation_sets, model_pair, open_record,
-                             output_prefix, split_names, write_outputs)
+from analysis.common import (add_evaluation_arguments, check_evaluation_arguments, defense_output, evaluation_sets,
+                             model_pair, open_record, output_prefix, split_names, write_outputs)
 from utils.cli import cli_main
 from utils.config import resolve_device
 from utils.device import place_model
@@ -124,8 +124,7 @@ def main(argv: list[str] | None = None):
         raise UserError(f"--points {args.points}: give at least 2 (t = 0 and t = t_max)")
     if not (math.isfinite(args.t_max) and args.t_max > 0):
         raise UserError(f"--t_max {args.t_max}: give a positive number (1 reaches the defended model)")
-    if args.batch_size < 1:
-        raise UserError(f"--batch_size {args.batch_size}: give a positive number")
+    check_evaluation_arguments(args)
     records = [open_record(args.record_dir, name) for name in split_names(args.result_file, "result_file")]
     defenses = split_names(args.defense, "defense")
     outputs = {(r.dir.name, d): defense_output(r, d) for r in records for d in defenses}

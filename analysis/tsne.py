@@ -31,8 +31,8 @@ import math
 import torch
 import torch.nn as nn
 
-from analysis.common import (add_evaluation_arguments, defense_output, evaluation_sets, open_record, optional_import,
-                             output_prefix, split_names, write_outputs)
+from analysis.common import (add_evaluation_arguments, check_evaluation_arguments, defense_output, evaluation_sets,
+                             open_record, optional_import, output_prefix, split_names, write_outputs)
 from attack.record import load_model
 from models import model_layers
 from utils.cli import cli_main
@@ -137,8 +137,7 @@ def check_args(args) -> None:
         raise UserError(f"--n {args.n}: give a positive number of images per set")
     if not (math.isfinite(args.perplexity) and args.perplexity > 0):
         raise UserError(f"--perplexity {args.perplexity:g}: give a positive number (t-SNE's usual range is 5 to 50)")
-    if args.batch_size < 1:
-        raise UserError(f"--batch_size {args.batch_size}: give a positive number")
+    check_evaluation_arguments(args)
 
 
 def main(argv: list[str] | None = None):

@@ -107,10 +107,7 @@ def _row_digests(images: torch.Tensor) -> list[bytes]:
 def reserve_set(source: ReserveSource, classes: list[str], test: ImageSet) -> ImageSet:
     """The reserve set in the record's class indices, refused when it holds any of the record's test
     images (compared byte for byte)."""
-    labels = class_labels(source, classes)
-    if source.images.shape[1:] != test.images.shape[1:]:
-        raise UserError(f"{FLAG} {source.path}: images are {tuple(source.images.shape[1:])} (C, H, W), the record's "
-                        f"{tuple(test.images.shape[1:])}; give a set in the record's image format")
+    labels = class_labels(source, classes)  # the images have the record's size and 3 channels, as decoded
     seen = set(_row_digests(test.images))
     shared = sum(d in seen for d in _row_digests(source.images))
     if shared:
