@@ -184,6 +184,14 @@ def build_ablation(rows: list[Result], root: Path, flag: str,
     return [tables[k] for k in sorted(tables)], left_out
 
 
+def ablation_series(t: Ablation, metric: str) -> dict[str, list[float | None]]:
+    """Each attack's mean ``metric`` at each of ``t.values`` in order (None where it has no run), then the
+    Average: the curves of the ablation figure."""
+    series = {attack: [t.mean(v, attack, metric) for v in t.values] for attack in t.attacks}
+    series["Average"] = [t.average(v, metric) for v in t.values]
+    return series
+
+
 def _cell(mean: float | None, std: float | None = None) -> str:
     if mean is None:
         return "-"

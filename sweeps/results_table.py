@@ -27,7 +27,8 @@ learning rate and training subset are the preset's).
 ``--ablation FLAG`` prints the paper's ablation layout instead (Tables 2, 3, 6, 7: the flag's values as
 rows, ACC / ASR per attack and their Average; ``sweeps/ablation.py``), for one defense (``--defense
 NAME`` where several vary the flag; for an attack flag, the defense output folder shown, or ``none``);
-``--out PREFIX`` then writes ``PREFIX.csv`` and ``PREFIX.md``.
+``--out PREFIX`` then writes ``PREFIX.csv``, ``PREFIX.md`` and ``PREFIX.png`` (ACC and ASR against the
+flag's values, a line per attack).
 
     python sweeps/results_table.py --record_dir record/ablation --ablation lmd --out results/table7
 """
@@ -43,7 +44,7 @@ from sweeps.formats import format_runs, format_text
 from sweeps.grouping import build_tables
 from sweeps.paper import paper_table
 from sweeps.presets import PRESETS, preset_made
-from sweeps.table_files import table_prefix, write_files, write_tables
+from sweeps.table_files import save_ablation_figure, table_prefix, write_files, write_tables
 from utils.cli import cli_main
 from utils.errors import UserError
 
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--record_dir", default="record", help="a folder of records, or one record's folder")
     p.add_argument("--out", default=None, help="also write PREFIX.csv, PREFIX.md, PREFIX.tex and PREFIX_cost.png; "
                    "a folder (DIR/ with its trailing slash, or a folder that exists) gets DIR/table.csv, "
-                   "DIR/table.md, DIR/table.tex and DIR/table_cost.png")
+                   "DIR/table.md, DIR/table.tex and DIR/table_cost.png (with --ablation: PREFIX.csv, PREFIX.md and "
+                   "PREFIX.png)")
     p.add_argument("--runs", action="store_true", help="also list every run on its own line")
     p.add_argument("--paper", action="store_true", help="print the paper's Table 1 for the same attacks and defenses")
     p.add_argument("--preset", choices=sorted(PRESETS), help="the sweep preset that made the records: its "
@@ -117,7 +119,8 @@ def _ablation(args: argparse.Namespace, rows: list, prefix: Path | None) -> str:
     if prefix is not None:
         written = write_files(prefix, [
             (".csv", pd.DataFrame(ablation_csv_rows(tables), columns=CSV_COLUMNS).to_csv(index=False)),
-            (".md", "\n\n".join(format_ablation_markdown(t) for t in tables) + "\n")], "ablation files")
+            (".md", "\n\n".join(format_ablation_markdown(t) for t in tables) + "\n")], "ablation files",
+            lambda prefix: save_ablation_figure(tables, prefix.with_name(prefix.name + ".png")))
         parts.append("wrote " + ", ".join(str(p) for p in written))
     text = "\n\n".join(parts)
     print(text)

@@ -8,6 +8,7 @@ import os
 import textwrap
 from pathlib import Path
 
+from sweeps.ablation import SHOWN, Ablation, ablation_series, show
 from sweeps.formats import CSV_COLUMNS, csv_rows, format_latex, format_markdown
 from sweeps.tables import Table
 from utils.metrics import mean
@@ -39,6 +40,29 @@ def save_cost_figure(tables: list[Table], path: Path) -> bool:
         ax.legend(fontsize=7)
     save_figure(fig, path, dpi=110)
     return True
+
+
+def save_ablation_figure(tables: list[Ablation], path: Path) -> Path:
+    """The ablation as curves: one row of panels per table, ACC and ASR against the flag's values (evenly
+    spaced, labelled with the values, as the paper's rows are), a line per attack and the Average dashed;
+    a value an attack has no run for is a gap. Returns ``path``."""
+    plt = pyplot()
+    fig, axes = plt.subplots(len(tables), len(SHOWN), figsize=(5 * len(SHOWN), 3.6 * len(tables)), squeeze=False)
+    for row, t in zip(axes, tables):
+        xs = list(range(len(t.values)))
+        for ax, (metric, label) in zip(row, SHOWN):
+            for attack, ys in ablation_series(t, metric).items():
+                ys = [float("nan") if y is None else y for y in ys]
+                style = {"ls": "--", "color": "black", "lw": 1} if attack == "Average" else {}
+                ax.plot(xs, ys, marker="o", label=attack, **style)
+            ax.set_xticks(xs, [show(v) for v in t.values])
+            ax.set_xlabel(t.flag)
+            ax.set_ylabel(f"{label} (%)")
+            ax.set_title(textwrap.fill(f"{label}: {t.heading}", 60), fontsize=8)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    save_figure(fig, path, dpi=110)
+    return path
 
 
 DEFAULT_NAME = "table"  # the files' name in a folder given as --out (FOLDER/table.csv, ...)

@@ -19,6 +19,8 @@ from test_tables import fake_record
 
 import sweeps.launch as launch
 import sweeps.results_table as results_table
+from sweeps.ablation import ablation_series, build_ablation
+from sweeps.collect import collect
 from sweeps.jobs import command
 from utils.record import write_manifest
 
@@ -178,6 +180,12 @@ def test_defense_flag_ablation_has_the_papers_layout(lmd_records, tmp_path, caps
         rows = {(r["value"], r["attack"]): r for r in csv.DictReader(f)}
     assert rows[("10", "Average")]["clean_acc"] == "91.50" and rows[("1", "badnet")]["n_seeds"] == "2"
     assert rows[("1", "blended")]["records"] == "blended_s0" and rows[("1", "badnet")]["defense"] == "d3"
+    assert out.with_suffix(".png").stat().st_size > 0 and f"{out}.png" in text
+    # the figure's curves are the table's cells, value by value, and the Average
+    (table,), _ = build_ablation(collect(lmd_records), lmd_records, "lmd")
+    assert ablation_series(table, "clean_acc") == {"badnet": [88.5, 91.0], "blended": [90.0, 92.0],
+                                                   "Average": [89.25, 91.5]}
+    assert ablation_series(table, "asr")["badnet"] == pytest.approx([0.3, 0.9])
 
 
 def test_a_repeat_of_one_value_counts_once(lmd_records):
