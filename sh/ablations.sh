@@ -12,7 +12,7 @@
 #   PRESET=cpu_small DEVICE=cpu TABLES="6 7" bash sh/ablations.sh ../shared/data/cifar10-jpeg.zip
 #   DRY_RUN=1 bash sh/ablations.sh          # print every job's command; run nothing, build no table
 # The same command continues a stopped run: finished values are skipped, interrupted ones resumed.
-# Tables go to $OUT/table<N>.{csv,md}.
+# Tables go to $OUT/table<N>.{csv,md,png}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
