@@ -3,7 +3,8 @@
 # BadNets, Blended and WaNet trained with adaptive SAM (--sam_rho) at the budgets 1.0, 2.0 and 3.0, plus
 # the plain attacks (no budget: the same records as sh/table1.sh, shared when RECORD_DIR is the same);
 # each attacked model, then FT, FT-SAM and D3 on it, with the paper's (BackdoorBench's) settings on 5%
-# clean data; then our tables (one per budget) and the paper's Table 5 below them. Meant for GPUs (12
+# clean data; then the table in the paper's layout, each figure beside the paper's (results_table.py
+# --by_budget; without it, results_table.py gives one full table per budget, RA and DER too). Meant for GPUs (12
 # attacks, 9 of them with SAM's two passes per step, and 36 defense runs at the paper preset: not yet
 # timed; spread it with --gpus all or --executor slurm). See docs/adaptive-attack.md. Usage:
 #   bash sh/table5.sh [DATASET_PATH] [launcher arguments...]
@@ -54,23 +55,6 @@ for budget in $BUDGETS; do
 done
 [ "$dry_run" = 1 ] && exit 0
 
-python sweeps/results_table.py --record_dir "$RECORD_DIR" --out "$TABLE" --preset "$PRESET" || status=$?
-cat <<'EOF'
-
-The paper's Table 5 (D3, Sec. 4.4): defense results (%) against adaptive attacks, CIFAR-10, PreAct-ResNet18.
-Budget                     1.0            2.0            3.0
-Attack   Defense       ACC    ASR     ACC    ASR     ACC    ASR
-BadNets  No Defense   90.42  96.43   90.71  96.28   91.56  95.60
-         FT           92.02  26.30   92.64  33.01   92.55  71.24
-         FT-SAM       91.28  17.74   92.01  36.34   92.19  54.79
-         D3           90.90   0.76   91.81   0.72   91.53   1.24
-Blended  No Defense   89.77  99.73   91.30  99.37   91.76  99.78
-         FT           92.02  71.80   92.68  83.42   92.46  82.17
-         FT-SAM       92.17  72.71   92.14  82.80   92.39  91.93
-         D3           91.13   0.14   91.56   1.22   91.49   2.74
-WaNet    No Defense   89.74  91.52   90.49  90.70   90.36  96.13
-         FT           91.71  15.88   92.00  18.47   91.90  21.38
-         FT-SAM       91.67   5.57   92.19  10.97   92.10  18.87
-         D3           90.98   0.84   91.00   0.99   90.89   1.48
-EOF
+# the paper's Table 5 layout: attack and defense as rows, each budget's ACC / ASR beside the paper's
+python sweeps/results_table.py --record_dir "$RECORD_DIR" --by_budget --out "$TABLE" --preset "$PRESET" || status=$?
 exit "$status"

@@ -22,7 +22,7 @@ def _attack_keys(attack: str) -> set[str]:
     return set(read_yaml(path) or {}) if path.is_file() else set()
 
 
-def _differences(settings: list[dict]) -> list[str]:
+def differences(settings: list[dict]) -> list[str]:
     """For each of several settings, the ``key=value`` pairs that tell it from the others."""
     keys = sorted({k for s in settings for k in s if len({_key({k: t.get(k)}) for t in settings}) > 1})
     return [", ".join(f"{k}={s.get(k)}" for k in keys) for s in settings]
@@ -72,11 +72,11 @@ def build_tables(rows: list[Result]) -> list[Table]:
     tables = []
     for (dataset, model, _), group in sorted(groups.items(), key=lambda kv: kv[0][:2]):
         siblings = [g["common"] for (d, m, _), g in groups.items() if (d, m) == (dataset, model)]
-        setting = _differences(siblings)[siblings.index(group["common"])] if len(siblings) > 1 else ""
+        setting = differences(siblings)[siblings.index(group["common"])] if len(siblings) > 1 else ""
         built, defenses = [], set()
         for attack in order({a for a, _ in group["rows"]}, PAPER_ATTACKS):
             same = [v for (a, _), v in group["rows"].items() if a == attack]
-            variants = _differences([v["specific"] for v in same]) if len(same) > 1 else [""] * len(same)
+            variants = differences([v["specific"] for v in same]) if len(same) > 1 else [""] * len(same)
             for entry, variant in zip(same, variants):
                 for name, runs_of_row in _seed_groups(entry["runs"]):
                     row = Row(attack, ", ".join(v for v in (variant, name) if v))

@@ -30,7 +30,13 @@ NAME`` where several vary the flag; for an attack flag, the defense output folde
 ``--out PREFIX`` then writes ``PREFIX.csv``, ``PREFIX.md`` and ``PREFIX.png`` (ACC and ASR against the
 flag's values, a line per attack).
 
+``--by_budget`` prints the paper's Table 5 layout instead (the adaptive attack, ``sweeps/adaptive.py``):
+attack and defense as rows, each SAM budget the attacks were trained with (``--sam_rho``; the plain
+attacks first) as ACC / ASR columns beside the paper's figures; ``--out PREFIX`` writes ``PREFIX.csv``
+and ``PREFIX.md``. ``--runs`` lists every run under any layout.
+
     python sweeps/results_table.py --record_dir record/ablation --ablation lmd --out results/table7
+    python sweeps/results_table.py --record_dir record --by_budget --out results/table5
 """
 from __future__ import annotations
 
@@ -39,6 +45,8 @@ from pathlib import Path
 
 from sweeps.ablation import CSV_COLUMNS, ablation_csv_rows, build_ablation, format_ablation_markdown, \
     format_ablation_text
+from sweeps.adaptive import CSV_COLUMNS as BUDGET_CSV_COLUMNS
+from sweeps.adaptive import budget_csv_rows, build_budget_tables, format_budget_markdown, format_budget_text
 from sweeps.collect import NO_DEFENSE, collect, replaced_records
 from sweeps.formats import format_runs, format_text
 from sweeps.grouping import build_tables
@@ -69,23 +77,28 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--defense", default=None, help="with --ablation: the defense whose runs vary the flag (where "
                    "several do); for an attack flag, the defense output folder shown (default: the only one; none: "
                    "the attacked models)")
+    p.add_argument("--by_budget", action="store_true", help="the paper's Table 5 layout (the adaptive attack): "
+                   "attack and defense as rows, each SAM budget (--sam_rho) as ACC / ASR columns beside the "
+                   "paper's; --out writes PREFIX.csv and PREFIX.md")
     args = p.parse_args(argv)
     if args.defense is not None and not args.ablation:
         raise UserError("--defense goes with --ablation FLAG; leave it out for the full tables")
+    if args.ablation and args.by_budget:
+        raise UserError("--ablation and --by_budget are two layouts; give one of them")
+    if args.paper and (args.ablation or args.by_budget):
+        raise UserError("--paper prints the paper's Table 1 under the full tables; --by_budget already shows the "
+                        "paper's Table 5 beside ours, --ablation has no paper table: leave --paper out")
+    if args.preset and args.ablation:
+        raise UserError("--preset captions the full and the --by_budget tables; leave it out with --ablation")
     prefix = table_prefix(args.out) if args.out else None  # refused before anything is read
     rows = collect(Path(args.record_dir), include_replaced=args.include_replaced)
-    if args.ablation:
-        return _ablation(args, rows, prefix)
-    tables = build_tables(rows)
     preset = PRESETS[args.preset] if args.preset else None
-    for table in tables if preset else []:
-        if preset_made(preset, table.model, table.settings):
-            table.caption = f"preset {args.preset}: {preset.about}"
-    parts = [format_text(t) for t in tables] or ["no finished records found"]
-    if args.paper and tables:
-        paper = paper_table(attacks={r.attack for t in tables for r in t.rows},
-                            defenses={d for t in tables for d in t.defenses})
-        parts.append(format_text(paper) if paper.rows else "the paper's Table 1 has none of these attacks")
+    if args.ablation:
+        parts, write = _ablation(args, rows)
+    elif args.by_budget:
+        parts, write = _by_budget(args, build_tables(rows), preset)
+    else:
+        parts, write = _full_tables(args, build_tables(rows), preset)
     if args.runs:
         parts.append(format_runs(rows))
     problems = [f"  {r.record}{'' if r.defense == NO_DEFENSE else '/defense/' + r.defense}: {r.problem}"
@@ -97,34 +110,49 @@ def main(argv: list[str] | None = None) -> str:
         parts.append(f"not shown: {len(hidden)} record(s) replaced by --overwrite ({', '.join(hidden)}); "
                      f"--include_replaced shows them")
     if prefix is not None:
-        written = write_tables(tables, prefix)
-        parts.append("wrote " + ", ".join(str(p) for p in written))
+        parts.append("wrote " + ", ".join(str(p) for p in write(prefix)))
     text = "\n\n".join(parts)
     print(text)
     return text
 
 
-def _ablation(args: argparse.Namespace, rows: list, prefix: Path | None) -> str:
-    """The ablation tables of ``--ablation FLAG``, printed, and written under ``prefix`` when given."""
+def _full_tables(args: argparse.Namespace, tables: list, preset) -> tuple[list[str], object]:
+    """The paper's Table 1 layout, one table per (dataset, model, training setting), and their writer."""
+    for table in tables if preset else []:
+        if preset_made(preset, table.model, table.settings):
+            table.caption = f"preset {args.preset}: {preset.about}"
+    parts = [format_text(t) for t in tables] or ["no finished records found"]
+    if args.paper and tables:
+        paper = paper_table(attacks={r.attack for t in tables for r in t.rows},
+                            defenses={d for t in tables for d in t.defenses})
+        parts.append(format_text(paper) if paper.rows else "the paper's Table 1 has none of these attacks")
+    return parts, lambda prefix: write_tables(tables, prefix)
+
+
+def _by_budget(args: argparse.Namespace, tables: list, preset) -> tuple[list[str], object]:
+    """``--by_budget``: the paper's Table 5 layout (``sweeps/adaptive.py``), and its writer."""
+    import pandas as pd
+    budget_tables = build_budget_tables(tables)
+    for t in budget_tables if preset else []:
+        if preset_made(preset, t.model, t.settings):
+            t.caption = f"preset {args.preset}: {preset.about}"
+    return [format_budget_text(t) for t in budget_tables], lambda prefix: write_files(prefix, [
+        (".csv", pd.DataFrame(budget_csv_rows(budget_tables), columns=BUDGET_CSV_COLUMNS).to_csv(index=False)),
+        (".md", "\n\n".join(format_budget_markdown(t) for t in budget_tables) + "\n")], "Table 5 files")
+
+
+def _ablation(args: argparse.Namespace, rows: list) -> tuple[list[str], object]:
+    """``--ablation FLAG``: the ablation tables, and their writer."""
     import pandas as pd
     flag = args.ablation.lstrip("-")
     tables, left_out = build_ablation(rows, Path(args.record_dir), flag, args.defense)
     parts = [format_ablation_text(t) for t in tables]
-    problems = [f"  {r.record}{'' if r.defense == NO_DEFENSE else '/defense/' + r.defense}: {r.problem}"
-                for r in rows if r.problem]
     if left_out:
         parts.append(f"not in the ablation (other settings than its rows'): {', '.join(left_out)}")
-    if problems:
-        parts.append("left out:\n" + "\n".join(problems))
-    if prefix is not None:
-        written = write_files(prefix, [
-            (".csv", pd.DataFrame(ablation_csv_rows(tables), columns=CSV_COLUMNS).to_csv(index=False)),
-            (".md", "\n\n".join(format_ablation_markdown(t) for t in tables) + "\n")], "ablation files",
-            lambda prefix: save_ablation_figure(tables, prefix.with_name(prefix.name + ".png")))
-        parts.append("wrote " + ", ".join(str(p) for p in written))
-    text = "\n\n".join(parts)
-    print(text)
-    return text
+    return parts, lambda prefix: write_files(prefix, [
+        (".csv", pd.DataFrame(ablation_csv_rows(tables), columns=CSV_COLUMNS).to_csv(index=False)),
+        (".md", "\n\n".join(format_ablation_markdown(t) for t in tables) + "\n")], "ablation files",
+        lambda prefix: save_ablation_figure(tables, prefix.with_name(prefix.name + ".png")))
 
 
 if __name__ == "__main__":

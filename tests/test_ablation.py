@@ -219,7 +219,14 @@ def test_bad_ablations_are_refused_and_write_nothing(lmd_records, tmp_path, caps
     expect_error(capsys, results_table.main, [*base, "--ablation", "lmd", "--defense", "ft"],
                  "--defense ft: no defense of that name varies lmd here; choose from d3")
     expect_error(capsys, results_table.main, [*base, "--defense", "d3"], "--defense goes with --ablation")
+    # the full tables' options are refused with --ablation, not ignored
+    expect_error(capsys, results_table.main, [*base, "--ablation", "lmd", "--paper"], "leave --paper out")
+    expect_error(capsys, results_table.main, [*base, "--ablation", "lmd", "--preset", "cpu_small"],
+                 "leave it out with --ablation")
     assert not out.parent.exists()
+    # --runs lists every run under the ablation too
+    text = results_table.main(["--record_dir", str(lmd_records), "--ablation", "lmd", "--runs"])
+    assert any(ln.startswith("badnet_s0 ") and " d3_lmd1 " in ln for ln in text.splitlines())
 
 
 # ----------------------------------------------------------------------------- sh/ablations.sh
