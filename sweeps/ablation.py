@@ -15,7 +15,8 @@ An ablation changes one flag: for each attack, only the runs whose other setting
 part (the set of runs that agree and show the most values of the flag); runs of other settings (a
 ``d3_eps0`` beside the ``lmd`` axis) are named under the table as left out. Records that differ in
 their seed are averaged (mean ± std); two runs of one value and one seed are repeats: the first by
-name counts. One table per (dataset, model).
+name counts. One table per (dataset, model). The paper's own tables of ``pratio``, ``ratio``, ``eps`` and
+``lmd`` (``config/paper/d3_ablations.yaml``) in the same layout: :func:`paper_ablation`.
 """
 from __future__ import annotations
 
@@ -26,10 +27,12 @@ from pathlib import Path
 from sweeps.collect import NO_DEFENSE, Result
 from sweeps.paper import PAPER_ATTACKS, order
 from sweeps.tables import Cell
+from utils.config import CONFIG_DIR
 from utils.errors import UserError
 from utils.flags import NOT_SETTINGS
 from utils.record import read_yaml
 
+PAPER_ABLATIONS = CONFIG_DIR / "paper" / "d3_ablations.yaml"
 NOT_COMPARED_HERE = NOT_SETTINGS | {"save_name", "result_file", "defense", "index"}
 SHOWN = (("clean_acc", "ACC"), ("asr", "ASR"))
 CSV_COLUMNS = ["dataset", "model", "defense", "flag", "value", "attack", "clean_acc", "asr", "n_seeds",
@@ -63,11 +66,13 @@ class Ablation:
     values: list = field(default_factory=list)
     attacks: list[str] = field(default_factory=list)
     cells: dict[tuple[str, str], Cell] = field(default_factory=dict)  # (_key(value), attack)
+    source: str = ""               # where the figures come from when not from records ("the D3 paper's Table 7")
 
     @property
     def heading(self) -> str:
         shown = "the attacked models (no defense)" if self.defense == NO_DEFENSE else self.defense
-        return f"Ablation over {self.flag} ({self.kind} flag): {shown} on {self.dataset}, {self.model}"
+        where = f"{self.source}: " if self.source else ""
+        return f"{where}Ablation over {self.flag} ({self.kind} flag): {shown} on {self.dataset}, {self.model}"
 
     def mean(self, value, attack: str, metric: str) -> float | None:
         cell = self.cells.get((_key(value), attack))
@@ -190,6 +195,22 @@ def ablation_series(t: Ablation, metric: str) -> dict[str, list[float | None]]:
     series = {attack: [t.mean(v, attack, metric) for v in t.values] for attack in t.attacks}
     series["Average"] = [t.average(v, metric) for v in t.values]
     return series
+
+
+def paper_ablation(flag: str, path: Path = PAPER_ABLATIONS) -> Ablation | None:
+    """The D3 paper's own table of this flag (Table 2, 3, 6 or 7: D3 on CIFAR-10, PreAct-ResNet18), to print
+    beside the records'; None for a flag the paper does not vary."""
+    data = (read_yaml(path) or {}).get(flag)
+    if data is None:
+        return None
+    table = Ablation(flag, "attack" if flag == "pratio" else "defense", "d3", "cifar10", "preactresnet18",
+                     source=f"the D3 paper's Table {data['table']}")
+    for value, by_attack in data["values"].items():
+        table.values.append(value)
+        for attack, figures in by_attack.items():
+            table.cells[(_key(value), attack)] = Cell(dict(zip(("clean_acc", "asr"), ([f] for f in figures))))
+    table.attacks = order({a for by_attack in data["values"].values() for a in by_attack}, PAPER_ATTACKS)
+    return table
 
 
 def _cell(mean: float | None, std: float | None = None) -> str:

@@ -28,7 +28,7 @@ learning rate and training subset are the preset's).
 rows, ACC / ASR per attack and their Average; ``sweeps/ablation.py``), for one defense (``--defense
 NAME`` where several vary the flag; for an attack flag, the defense output folder shown, or ``none``);
 ``--out PREFIX`` then writes ``PREFIX.csv``, ``PREFIX.md`` and ``PREFIX.png`` (ACC and ASR against the
-flag's values, a line per attack).
+flag's values, a line per attack); ``--paper`` prints the paper's own table of the flag below.
 
 ``--by_budget`` prints the paper's Table 5 layout instead (the adaptive attack, ``sweeps/adaptive.py``):
 attack and defense as rows, each SAM budget the attacks were trained with (``--sam_rho``; the plain
@@ -44,7 +44,7 @@ import argparse
 from pathlib import Path
 
 from sweeps.ablation import CSV_COLUMNS, ablation_csv_rows, build_ablation, format_ablation_markdown, \
-    format_ablation_text
+    format_ablation_text, paper_ablation
 from sweeps.adaptive import CSV_COLUMNS as BUDGET_CSV_COLUMNS
 from sweeps.adaptive import budget_csv_rows, build_budget_tables, format_budget_markdown, format_budget_text
 from sweeps.collect import NO_DEFENSE, collect, replaced_records
@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> str:
                    "DIR/table.md, DIR/table.tex and DIR/table_cost.png (with --ablation: PREFIX.csv, PREFIX.md and "
                    "PREFIX.png)")
     p.add_argument("--runs", action="store_true", help="also list every run on its own line")
-    p.add_argument("--paper", action="store_true", help="print the paper's Table 1 for the same attacks and defenses")
+    p.add_argument("--paper", action="store_true", help="print the paper's Table 1 for the same attacks and defenses "
+                   "(with --ablation: the paper's table of that flag)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="the sweep preset that made the records: its "
                    "description (as this checkout defines it) goes under each table's title (sh/sweep.sh "
                    "passes it)")
@@ -85,9 +86,8 @@ def main(argv: list[str] | None = None) -> str:
         raise UserError("--defense goes with --ablation FLAG; leave it out for the full tables")
     if args.ablation and args.by_budget:
         raise UserError("--ablation and --by_budget are two layouts; give one of them")
-    if args.paper and (args.ablation or args.by_budget):
-        raise UserError("--paper prints the paper's Table 1 under the full tables; --by_budget already shows the "
-                        "paper's Table 5 beside ours, --ablation has no paper table: leave --paper out")
+    if args.paper and args.by_budget:
+        raise UserError("--by_budget already shows the paper's Table 5 figures beside ours: leave --paper out")
     if args.preset and args.ablation:
         raise UserError("--preset captions the full and the --by_budget tables; leave it out with --ablation")
     prefix = table_prefix(args.out) if args.out else None  # refused before anything is read
@@ -149,6 +149,10 @@ def _ablation(args: argparse.Namespace, rows: list) -> tuple[list[str], object]:
     parts = [format_ablation_text(t) for t in tables]
     if left_out:
         parts.append(f"not in the ablation (other settings than its rows'): {', '.join(left_out)}")
+    if args.paper:
+        paper = paper_ablation(flag)
+        parts.append(format_ablation_text(paper) if paper else f"the D3 paper has no ablation over {flag} "
+                     f"(its Tables 2, 3, 6, 7: pratio, ratio, eps, lmd)")
     return parts, lambda prefix: write_files(prefix, [
         (".csv", pd.DataFrame(ablation_csv_rows(tables), columns=CSV_COLUMNS).to_csv(index=False)),
         (".md", "\n\n".join(format_ablation_markdown(t) for t in tables) + "\n")], "ablation files",

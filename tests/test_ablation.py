@@ -19,7 +19,7 @@ from test_tables import fake_record
 
 import sweeps.launch as launch
 import sweeps.results_table as results_table
-from sweeps.ablation import ablation_series, build_ablation
+from sweeps.ablation import ablation_series, build_ablation, paper_ablation
 from sweeps.collect import collect
 from sweeps.jobs import command
 from utils.record import write_manifest
@@ -188,6 +188,19 @@ def test_defense_flag_ablation_has_the_papers_layout(lmd_records, tmp_path, caps
     assert ablation_series(table, "asr")["badnet"] == pytest.approx([0.3, 0.9])
 
 
+def test_the_papers_ablation_is_printed_below(lmd_records):
+    text = results_table.main(["--record_dir", str(lmd_records), "--ablation", "lmd", "--paper"])
+    paper = text[text.index("the D3 paper's Table 7: Ablation over lmd (defense flag): d3 on cifar10"):]
+    rows = {ln.split()[0]: ln.split()[1:] for ln in paper.splitlines()[3:]}
+    # the paper's Table 7 as printed, its Average recomputed over the three attacks
+    assert rows["40"] == ["91.34", "2.01", "92.78", "23.36", "93.35", "2.84", "92.49", "9.40"]
+    assert rows["1"][:2] == ["88.66", "0.19"] and list(rows) == ["1", "10", "20", "30", "40"]
+    for flag, table in (("pratio", "Table 2"), ("ratio", "Table 3"), ("eps", "Table 6")):
+        assert paper_ablation(flag).source == f"the D3 paper's {table}"
+    assert paper_ablation("pratio").attacks == ["badnet", "blended", "lf"]
+    assert paper_ablation("epochs") is None
+
+
 def test_a_repeat_of_one_value_counts_once(lmd_records):
     text = results_table.main(["--record_dir", str(lmd_records), "--ablation", "lmd"])
     assert "badnet_s0/defense/d3_lmd10 (a repeat of one value and seed)" in text  # d3 (lmd 10) is first by name
@@ -219,8 +232,7 @@ def test_bad_ablations_are_refused_and_write_nothing(lmd_records, tmp_path, caps
     expect_error(capsys, results_table.main, [*base, "--ablation", "lmd", "--defense", "ft"],
                  "--defense ft: no defense of that name varies lmd here; choose from d3")
     expect_error(capsys, results_table.main, [*base, "--defense", "d3"], "--defense goes with --ablation")
-    # the full tables' options are refused with --ablation, not ignored
-    expect_error(capsys, results_table.main, [*base, "--ablation", "lmd", "--paper"], "leave --paper out")
+    # the full tables' --preset is refused with --ablation, not ignored
     expect_error(capsys, results_table.main, [*base, "--ablation", "lmd", "--preset", "cpu_small"],
                  "leave it out with --ablation")
     assert not out.parent.exists()
