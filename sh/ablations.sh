@@ -12,7 +12,7 @@
 #   PRESET=cpu_small DEVICE=cpu TABLES="6 7" bash sh/ablations.sh ../shared/data/cifar10-jpeg.zip
 #   DRY_RUN=1 bash sh/ablations.sh          # print every job's command; run nothing, build no table
 # The same command continues a stopped run: finished values are skipped, interrupted ones resumed.
-# Tables go to $OUT/table<N>.{csv,md,png}.
+# Tables go to $OUT/table<N>.{csv,md,png}, the paper's own printed below each.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,7 +44,7 @@ ablation() {
   esac
   [ -n "$DRY_RUN" ] && return 0
   python sweeps/results_table.py --record_dir "$records" --ablation "$flag" --defense d3 \
-    --out "$OUT/table$table" || status=$?
+    --out "$OUT/table$table" --paper || status=$?  # the paper's own table of the flag printed below
 }
 
 for t in $TABLES; do
