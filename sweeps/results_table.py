@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> str:
                    "(folders named <name>.replaced-<YYYYmmdd-HHMMSS>), each as a row of its own named by its folder")
     p.add_argument("--ablation", metavar="FLAG", help="the paper's ablation layout (Tables 2, 3, 6, 7) over this "
                    "attack or defense flag (pratio, lmd, eps, ratio...): its values as rows, ACC / ASR per attack "
-                   "and their average; --out writes PREFIX.csv and PREFIX.md")
+                   "and their average; --out writes PREFIX.csv, PREFIX.md and PREFIX.png")
     p.add_argument("--defense", default=None, help="with --ablation: the defense whose runs vary the flag (where "
                    "several do); for an attack flag, the defense output folder shown (default: the only one; none: "
                    "the attacked models)")
