@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cache
 
 from sweeps.grouping import differences
 from sweeps.paper import PAPER_ATTACKS, PAPER_DEFENSES, order
@@ -54,6 +55,7 @@ class BudgetTable:
             (f"; {self.caption}" if self.caption else "")
 
 
+@cache  # read once: every cell asks
 def _paper() -> dict:
     """(attack, defense, budget) -> (ACC, ASR) of the paper: Table 5, and Table 1 for the plain attacks."""
     out = {}
