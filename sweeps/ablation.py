@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sweeps.collect import NO_DEFENSE, Result
+from sweeps.formats import csv_number
 from sweeps.paper import PAPER_ATTACKS, order
 from sweeps.tables import Cell
 from utils.config import CONFIG_DIR
@@ -254,8 +255,6 @@ def format_ablation_markdown(t: Ablation) -> str:
 
 def ablation_csv_rows(tables: list[Ablation]) -> list[dict]:
     """Long form: one row per (value, attack), then the value's Average row."""
-    def fmt(v):
-        return "" if v is None else f"{v:.2f}"
     out = []
     for t in tables:
         base = {"dataset": t.dataset, "model": t.model, "defense": t.defense, "flag": t.flag}
@@ -264,9 +263,9 @@ def ablation_csv_rows(tables: list[Ablation]) -> list[dict]:
                 c = t.cells.get((_key(value), attack))
                 if c is not None:
                     out.append({**base, "value": show(value), "attack": attack,
-                                **{m: fmt(c.mean(m)) for m, _ in SHOWN}, "n_seeds": c.n_seeds,
-                                **{f"{m}_std": fmt(c.std(m)) for m, _ in SHOWN}, "records": " ".join(c.records)})
+                                **{m: csv_number(c.mean(m)) for m, _ in SHOWN}, "n_seeds": c.n_seeds,
+                                **{f"{m}_std": csv_number(c.std(m)) for m, _ in SHOWN}, "records": " ".join(c.records)})
             out.append({**base, "value": show(value), "attack": "Average",
-                        **{m: fmt(t.average(value, m)) for m, _ in SHOWN}, "n_seeds": "",
+                        **{m: csv_number(t.average(value, m)) for m, _ in SHOWN}, "n_seeds": "",
                         "clean_acc_std": "", "asr_std": "", "records": ""})
     return out

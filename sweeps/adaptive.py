@@ -13,20 +13,21 @@ plain attacks' taken from its Table 1; compare them with a narrower model's only
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from functools import cache
 
-from sweeps.grouping import differences
-from sweeps.paper import PAPER_ATTACKS, PAPER_DEFENSES, order
+from sweeps.ablation import SHOWN
+from sweeps.formats import csv_number
+from sweeps.grouping import differences, settings_key
+from sweeps.paper import PAPER_ATTACKS, PAPER_DEFENSES, order, paper_table
 from sweeps.tables import NONE, Cell, Table
 from utils.config import CONFIG_DIR
 from utils.errors import UserError
 from utils.record import read_yaml
 
 BUDGET = "sam_rho"
-PAPER_FILES = {"table1": CONFIG_DIR / "paper" / "d3_table1.yaml", "table5": CONFIG_DIR / "paper" / "d3_table5.yaml"}
-SHOWN = (("clean_acc", "ACC"), ("asr", "ASR"))
+PAPER_TABLE5 = CONFIG_DIR / "paper" / "d3_table5.yaml"
+COLUMNS = ("ACC", "ASR", "paper ACC", "paper ASR")  # under each budget
 CSV_COLUMNS = ["dataset", "model", "setting", "attack", "defense", "budget", "clean_acc", "asr", "n_seeds",
                "clean_acc_std", "asr_std", "paper_clean_acc", "paper_asr", "records"]
 
@@ -58,11 +59,9 @@ class BudgetTable:
 @cache  # read once: every cell asks
 def _paper() -> dict:
     """(attack, defense, budget) -> (ACC, ASR) of the paper: Table 5, and Table 1 for the plain attacks."""
-    out = {}
-    for attack, by_defense in (read_yaml(PAPER_FILES["table1"]) or {}).items():
-        for defense, figures in by_defense.items():
-            out[(attack, defense, None)] = tuple(figures[:2])
-    for budget, by_attack in (read_yaml(PAPER_FILES["table5"]) or {}).items():
+    out = {(row.attack, defense, None): tuple(cell.mean(m) for m, _ in SHOWN)
+           for row in paper_table().rows for defense, cell in row.cells.items()}
+    for budget, by_attack in (read_yaml(PAPER_TABLE5) or {}).items():
         for attack, by_defense in by_attack.items():
             for defense, figures in by_defense.items():
                 out[(attack, defense, float(budget))] = tuple(figures[:2])
@@ -82,7 +81,7 @@ def build_budget_tables(tables: list[Table]) -> list[BudgetTable]:
     rests: dict[tuple, dict] = {}
     for t in tables:
         rest = {k: v for k, v in t.settings.items() if k != BUDGET}
-        key = (t.dataset, t.model, json.dumps(rest, sort_keys=True, default=str))
+        key = (t.dataset, t.model, settings_key(rest))
         groups.setdefault(key, []).append(t)
         rests[key] = rest
     groups = {k: g for k, g in groups.items() if any(t.settings.get(BUDGET) is not None for t in g)}
@@ -131,8 +130,8 @@ def _grid(t: BudgetTable) -> list[list[str]]:
 
 
 def _head(t: BudgetTable) -> tuple[list[str], list[str]]:
-    groups = ["", ""] + [budget_label(b) for b in t.budgets for _ in range(4)]
-    heads = ["attack", "defense"] + [h for _ in t.budgets for h in ("ACC", "ASR", "paper ACC", "paper ASR")]
+    groups = ["", ""] + [budget_label(b) for b in t.budgets for _ in COLUMNS]
+    heads = ["attack", "defense"] + [h for _ in t.budgets for h in COLUMNS]
     return groups, heads
 
 
@@ -141,10 +140,10 @@ def format_budget_text(t: BudgetTable) -> str:
     label_w = max(8, *(len(r[0]) + 2 for r in grid))
     defense_w = max(12, *(len(r[1]) + 2 for r in grid))
     width = 11
-    budgets = "".join(f"{budget_label(b):^{4 * width}}" for b in t.budgets)
+    _, heads = _head(t)
+    budgets = "".join(f"{budget_label(b):^{len(COLUMNS) * width}}" for b in t.budgets)
     lines = [" " * (label_w + defense_w) + budgets,
-             f"{'attack':<{label_w}}{'defense':<{defense_w}}"
-             + "".join(f"{h:>{width}}" for _ in t.budgets for h in ("ACC", "ASR", "paper ACC", "paper ASR"))]
+             f"{heads[0]:<{label_w}}{heads[1]:<{defense_w}}" + "".join(f"{h:>{width}}" for h in heads[2:])]
     lines += [f"{r[0]:<{label_w}}{r[1]:<{defense_w}}" + "".join(f"{c:>{width}}" for c in r[2:]) for r in grid]
     note = "; the paper's: PreAct-ResNet18, original CIFAR-10" if t.dataset == "cifar10" else ""
     return f"{t.heading}, in %{note}\n" + "\n".join(line.rstrip() for line in lines)
@@ -161,8 +160,6 @@ def format_budget_markdown(t: BudgetTable) -> str:
 
 def budget_csv_rows(tables: list[BudgetTable]) -> list[dict]:
     """Long form: one row per (attack, defense, budget) that has a run."""
-    def fmt(v):
-        return "" if v is None else f"{v:.2f}"
     out = []
     for t in tables:
         for label, attack, defense in t.rows:
@@ -173,8 +170,8 @@ def budget_csv_rows(tables: list[BudgetTable]) -> list[dict]:
                 paper = paper_figure(t, attack, defense, budget) or (None, None)
                 out.append({"dataset": t.dataset, "model": t.model, "setting": t.setting, "attack": label,
                             "defense": defense, "budget": "" if budget is None else str(float(budget)),
-                            **{m: fmt(cell.mean(m)) for m, _ in SHOWN}, "n_seeds": cell.n_seeds,
-                            **{f"{m}_std": fmt(cell.std(m)) for m, _ in SHOWN},
-                            "paper_clean_acc": fmt(paper[0]), "paper_asr": fmt(paper[1]),
+                            **{m: csv_number(cell.mean(m)) for m, _ in SHOWN}, "n_seeds": cell.n_seeds,
+                            **{f"{m}_std": csv_number(cell.std(m)) for m, _ in SHOWN},
+                            "paper_clean_acc": csv_number(paper[0]), "paper_asr": csv_number(paper[1]),
                             "records": " ".join(cell.records)})
     return out

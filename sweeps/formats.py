@@ -150,6 +150,11 @@ def format_latex(table: Table) -> str:
     return "\n".join(lines)
 
 
+def csv_number(value: float | None) -> str:
+    """A figure as the long CSVs write it: two decimals, empty where there is none."""
+    return "" if value is None else f"{value:.2f}"
+
+
 CSV_COLUMNS = ["dataset", "model", "attack", "defense", "clean_acc", "asr", "ra", "der", "n_seeds",
                "clean_acc_std", "asr_std", "ra_std", "der_std", "wall_seconds", "wall_vs_ft", "setting", "records",
                "weak_attack"]
@@ -158,8 +163,6 @@ CSV_COLUMNS = ["dataset", "model", "attack", "defense", "clean_acc", "asr", "ra"
 def csv_rows(tables: list[Table]) -> list[dict]:
     """Long form: one row per (attack, defense) of each table, then one Average row per defense;
     ``weak_attack`` is yes where the attacked model's ASR is too low to compare defenses on."""
-    def fmt(v):
-        return "" if v is None else f"{v:.2f}"
     out = []
     for t in tables:
         for row in t.rows:
@@ -169,17 +172,18 @@ def csv_rows(tables: list[Table]) -> list[dict]:
                 if c is None:
                     continue
                 out.append({"dataset": t.dataset, "model": t.model, "attack": row.attack, "defense": d,
-                            **{m: fmt(c.mean(m)) for m in METRICS}, "der": "" if d == NONE else fmt(c.mean("der")),
-                            "n_seeds": c.n_seeds, **{f"{m}_std": fmt(c.std(m)) for m in METRICS},
-                            "wall_seconds": fmt(mean(c.walls)), "wall_vs_ft": fmt(mean(c.costs)),
+                            **{m: csv_number(c.mean(m)) for m in METRICS},
+                            "der": "" if d == NONE else csv_number(c.mean("der")),
+                            "n_seeds": c.n_seeds, **{f"{m}_std": csv_number(c.std(m)) for m in METRICS},
+                            "wall_seconds": csv_number(mean(c.walls)), "wall_vs_ft": csv_number(mean(c.costs)),
                             "setting": setting, "records": " ".join(c.records),
                             "weak_attack": "yes" if row.weak else "no"})
         for d in [NONE] + t.defenses:
             cells = [row.cells[d] for row in t.rows if d in row.cells]
             out.append({"dataset": t.dataset, "model": t.model, "attack": "Average", "defense": d,
-                        **{m: fmt(t.average(d, m)) for m in METRICS},
-                        "der": "" if d == NONE else fmt(t.average(d, "der")),
+                        **{m: csv_number(t.average(d, m)) for m in METRICS},
+                        "der": "" if d == NONE else csv_number(t.average(d, "der")),
                         "n_seeds": min((c.n_seeds for c in cells), default=0),
                         **{f"{m}_std": "" for m in METRICS}, "wall_seconds": "",
-                        "wall_vs_ft": fmt(t.cost(d)), "setting": t.setting, "records": "", "weak_attack": ""})
+                        "wall_vs_ft": csv_number(t.cost(d)), "setting": t.setting, "records": "", "weak_attack": ""})
     return out

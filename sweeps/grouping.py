@@ -13,7 +13,8 @@ from utils.flags import NOT_SETTINGS, TABLE_KEYS
 from utils.record import read_yaml
 
 
-def _key(settings: dict) -> str:
+def settings_key(settings: dict) -> str:
+    """Settings as one string that compares equal where they do, whatever their key order."""
     return json.dumps(settings, sort_keys=True, default=str)
 
 
@@ -24,7 +25,7 @@ def _attack_keys(attack: str) -> set[str]:
 
 def differences(settings: list[dict]) -> list[str]:
     """For each of several settings, the ``key=value`` pairs that tell it from the others."""
-    keys = sorted({k for s in settings for k in s if len({_key({k: t.get(k)}) for t in settings}) > 1})
+    keys = sorted({k for s in settings for k in s if len({settings_key({k: t.get(k)}) for t in settings}) > 1})
     return [", ".join(f"{k}={s.get(k)}" for k in keys) for s in settings]
 
 
@@ -65,8 +66,8 @@ def build_tables(rows: list[Result]) -> list[Table]:
         setting = {k: v for k, v in attack.settings.items() if k not in NOT_SETTINGS and v is not None}
         common = {k: v for k, v in setting.items() if k not in own}
         specific = {k: v for k, v in setting.items() if k in own}
-        table = groups.setdefault((attack.dataset, attack.model, _key(common)), {"common": common, "rows": {}})
-        row = table["rows"].setdefault((attack.attack, _key(specific)), {"specific": specific, "runs": []})
+        table = groups.setdefault((attack.dataset, attack.model, settings_key(common)), {"common": common, "rows": {}})
+        row = table["rows"].setdefault((attack.attack, settings_key(specific)), {"specific": specific, "runs": []})
         row["runs"].append(runs)
 
     tables = []

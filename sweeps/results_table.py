@@ -116,11 +116,16 @@ def main(argv: list[str] | None = None) -> str:
     return text
 
 
-def _full_tables(args: argparse.Namespace, tables: list, preset) -> tuple[list[str], object]:
-    """The paper's Table 1 layout, one table per (dataset, model, training setting), and their writer."""
+def _caption(tables: list, name: str | None, preset) -> None:
+    """``--preset NAME``: its description under the title of each table whose records it made."""
     for table in tables if preset else []:
         if preset_made(preset, table.model, table.settings):
-            table.caption = f"preset {args.preset}: {preset.about}"
+            table.caption = f"preset {name}: {preset.about}"
+
+
+def _full_tables(args: argparse.Namespace, tables: list, preset) -> tuple[list[str], object]:
+    """The paper's Table 1 layout, one table per (dataset, model, training setting), and their writer."""
+    _caption(tables, args.preset, preset)
     parts = [format_text(t) for t in tables] or ["no finished records found"]
     if args.paper and tables:
         paper = paper_table(attacks={r.attack for t in tables for r in t.rows},
@@ -133,9 +138,7 @@ def _by_budget(args: argparse.Namespace, tables: list, preset) -> tuple[list[str
     """``--by_budget``: the paper's Table 5 layout (``sweeps/adaptive.py``), and its writer."""
     import pandas as pd
     budget_tables = build_budget_tables(tables)
-    for t in budget_tables if preset else []:
-        if preset_made(preset, t.model, t.settings):
-            t.caption = f"preset {args.preset}: {preset.about}"
+    _caption(budget_tables, args.preset, preset)
     return [format_budget_text(t) for t in budget_tables], lambda prefix: write_files(prefix, [
         (".csv", pd.DataFrame(budget_csv_rows(budget_tables), columns=BUDGET_CSV_COLUMNS).to_csv(index=False)),
         (".md", "\n\n".join(format_budget_markdown(t) for t in budget_tables) + "\n")], "Table 5 files")
